@@ -56,8 +56,12 @@ def resample(
     E[(1/b) sum_k w_k v_k] = (1/B) sum_i v_i for any per-sample quantity v (e.g. a gradient).
     """
     positions = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-    weights = 1.0 / (len(probs) * probs[positions])
-    return positions, weights
+    return positions, importance_weights(probs, positions)
+
+
+def importance_weights(probs: Tensor, positions: Tensor) -> Tensor:
+    """w_i = 1 / (B probs_i) for the drawn ``positions`` (b,) of a presample of size B = len(probs)."""
+    return 1.0 / (len(probs) * probs[positions])
 
 
 def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Tensor:

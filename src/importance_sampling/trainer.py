@@ -266,7 +266,10 @@ class Trainer:
             "best_test_error": min((r["test_error"] for r in self.rows), default=None),
             "wall_time": time.perf_counter() - self._start_wall,
         }
+        # strict JSON: NaN (e.g. the tau of the uniform sampler) is written as null
+        summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                   for k, v in summary.items()}
         tmp = self.out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(self.out_dir / "summary.json")
         return summary

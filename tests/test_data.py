@@ -1,0 +1,72 @@
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from importance_sampling.data import DEBIAN_FASHION_MNIST, DataError, digits, fashion_mnist
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the idx format of MNIST/Fashion-MNIST, gzipped like Debian's."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_debian_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "debian"
+    d.mkdir()
+    for split, n in (("train", 30), ("t10k", 10)):
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return d
+
+
+def test_digits_is_a_fixed_standardised_split():
+    data = digits()
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    assert len(data.train_x) + len(data.test_x) == 1797
+    assert abs(data.train_x.mean().item()) < 1e-5 and abs(data.train_x.std().item() - 1) < 1e-4
+    assert torch.equal(digits().test_y, data.test_y)
+    assert len(digits(train_size=100).train_x) == 100
+
+
+def test_fashion_mnist_loads_idx_files_through_torchvision(tiny_debian_dir, tmp_path):
+    data = fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir)
+    assert data.train_x.shape == (30, 1, 28, 28) and data.test_x.shape == (10, 1, 28, 28)
+    assert data.train_y.tolist() == [i % 10 for i in range(30)]
+    assert (tmp_path / "data/FashionMNIST/raw/train-images-idx3-ubyte").is_file()
+    # second time: read from data_dir even when the Debian files are gone
+    for f in tiny_debian_dir.iterdir():
+        f.unlink()
+    assert len(fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir).train_x) == 30
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(tmp_path / "data", debian_dir=tmp_path / "nowhere")
+
+
+def test_truncated_fashion_mnist_file_is_a_clear_error(tiny_debian_dir, tmp_path):
+    fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir)
+    images = tmp_path / "data/FashionMNIST/raw/train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir)
+
+
+def test_real_fashion_mnist_from_debian_package(tmp_path):
+    if not Path(DEBIAN_FASHION_MNIST).is_dir():
+        msg = "Debian's dataset-fashion-mnist is not installed (make data installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    data = fashion_mnist(tmp_path / "data")
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train_y).tolist() == [6000] * 10

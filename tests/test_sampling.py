@@ -1,0 +1,171 @@
+import itertools
+
+import pytest
+import torch
+
+from importance_sampling.sampling import (
+    ImportanceSampler,
+    IndexStream,
+    NonFiniteScoresError,
+    UniformSampler,
+    VarianceReductionSwitch,
+    default_tau_threshold,
+    equivalent_batch_increment,
+    importance_probabilities,
+    importance_weights,
+    resample,
+)
+from importance_sampling.scores import cross_entropy
+
+
+def tau_as_written_in_the_paper(g):
+    """1 / (1 - ||g - u||^2 / ||g||^2), PAPER.md."""
+    u = torch.full_like(g, 1 / len(g))
+    return 1 / (1 - (g - u).pow(2).sum() / g.pow(2).sum())
+
+
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_weighted_estimator_is_unbiased_by_exact_enumeration(b):
+    torch.manual_seed(0)
+    B = 4
+    v = torch.randn(B, 3, dtype=torch.float64)  # per-sample gradients of the presample
+    probs = importance_probabilities(torch.tensor([0.1, 2.0, 0.7, 1.2], dtype=torch.float64))
+    expectation = torch.zeros(3, dtype=torch.float64)
+    for draw in itertools.product(range(B), repeat=b):  # every ordered draw with replacement
+        pos = torch.tensor(draw)
+        p_draw = probs[pos].prod()
+        estimate = (importance_weights(probs, pos)[:, None] * v[pos]).mean(0)
+        expectation += p_draw * estimate
+    torch.testing.assert_close(expectation, v.mean(0))
+
+
+def test_resample_draws_with_the_given_probabilities_and_weights():
+    probs = importance_probabilities(torch.tensor([1.0, 3.0, 0.0, 4.0]))
+    gen = torch.Generator().manual_seed(0)
+    pos, w = resample(probs, 80_000, gen)
+    freq = torch.bincount(pos, minlength=4).float() / len(pos)
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert 2 not in pos  # a zero score is never drawn
+    torch.testing.assert_close(w, 1 / (4 * probs[pos]))
+
+
+def test_monte_carlo_gradient_of_the_weighted_loss_is_unbiased():
+    """Through a real model: averaged over many resamples, the weighted minibatch gradient equals
+    the mean gradient over the presample."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def grad_of(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+
+    full = grad_of(cross_entropy(model(x), y).mean())
+    probs = importance_probabilities(torch.tensor([0.5, 1, 2, 4, 0.2, 1], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    draws = [resample(probs, 2, gen) for _ in range(4000)]
+    mean = torch.stack([grad_of((w * cross_entropy(model(x[p]), y[p])).mean()) for p, w in draws]).mean(0)
+    assert (mean - full).norm() < 0.03 * full.norm()
+
+
+def test_tau_matches_the_paper_formula_and_is_one_for_uniform_scores():
+    g = importance_probabilities(torch.tensor([0.3, 1.0, 2.5, 0.1, 0.9], dtype=torch.float64))
+    torch.testing.assert_close(equivalent_batch_increment(g), tau_as_written_in_the_paper(g))
+    torch.testing.assert_close(equivalent_batch_increment(g, "std"), tau_as_written_in_the_paper(g).sqrt())
+    uniform = importance_probabilities(torch.ones(7))
+    assert equivalent_batch_increment(uniform).item() == pytest.approx(1.0)
+    one_hot = importance_probabilities(torch.tensor([0.0, 0, 5, 0]))
+    assert equivalent_batch_increment(one_hot).item() == pytest.approx(4.0)  # = B
+
+
+def test_default_threshold_is_the_cost_ratio():
+    assert default_tau_threshold(batch_size=128, presample_size=384) == pytest.approx(2.0)
+    assert default_tau_threshold(batch_size=10, presample_size=60) == pytest.approx(3.0)
+
+
+def test_switch_turns_on_and_off():
+    switch = VarianceReductionSwitch(threshold=1.5, momentum=0.5)
+    assert not switch.on and switch.tau == 0  # Algorithm 1 starts uniform
+    switch.update(3.0)  # 1.5: not strictly above
+    assert not switch.on
+    switch.update(3.0)  # 2.25
+    assert switch.on and switch.tau == pytest.approx(2.25)
+    for _ in range(3):
+        switch.update(1.0)  # uniform scores: tau decays towards 1
+    assert not switch.on and switch.tau == pytest.approx(1.15625)
+
+
+def test_all_zero_scores_fall_back_to_uniform_and_non_finite_scores_raise():
+    torch.testing.assert_close(importance_probabilities(torch.zeros(4)), torch.full((4,), 0.25))
+    with pytest.raises(NonFiniteScoresError, match="1 of 3"):
+        importance_probabilities(torch.tensor([1.0, float("nan"), 2.0]))
+    with pytest.raises(NonFiniteScoresError):
+        importance_probabilities(torch.tensor([1.0, float("inf")]))
+
+
+def test_index_stream_is_a_permutation_per_epoch():
+    stream = IndexStream(10, torch.Generator().manual_seed(0))
+    first = torch.cat([stream.take(5), stream.take(5)])
+    assert sorted(first.tolist()) == list(range(10))
+    assert len(stream.take(7)) == 7  # a new permutation once the old one is used up
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=64, presample_size=32), "presample_size"),
+    (dict(tau_threshold=0.5), "tau_threshold"),
+    (dict(tau_momentum=1.0), "tau_momentum"),
+    (dict(score="entropy"), "score"),
+    (dict(tau_kind="cubic"), "tau_kind"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_invalid_sampler_options_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImportanceSampler(**kwargs)
+
+
+def test_batch_or_presample_larger_than_the_dataset_is_an_error():
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="larger than the training set"):
+        UniformSampler(batch_size=50).setup(40, gen, torch.device("cpu"))
+    with pytest.raises(ValueError, match="presample_size=120 is larger"):
+        ImportanceSampler(batch_size=20, presample_size=120).setup(100, gen, torch.device("cpu"))
+
+
+class Scripted(torch.nn.Module):
+    """A 'model' whose logits are a fixed function of the sample index (stored in x)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = logits
+
+    def forward(self, x):
+        return self.table[x.long().squeeze(1)]
+
+
+def test_importance_sampler_picks_high_score_points_and_weights_them():
+    n = 40
+    y = torch.zeros(n, dtype=torch.long)
+    logits = torch.zeros(n, 3)
+    logits[:, 0] = 10.0  # confident and right: upper bound ~ 0
+    logits[:4, 0], logits[:4, 1] = -10.0, 10.0  # points 0..3 confidently wrong: large score
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    sampler = ImportanceSampler("upper_bound", batch_size=8, presample_size=40, tau_threshold=1.0)
+    sampler.setup(n, torch.Generator().manual_seed(0), torch.device("cpu"))
+    sampler.switch.tau = 5.0  # switched on
+    batch = sampler.sample(Scripted(logits), x, y, cross_entropy)
+    assert batch.importance and set(batch.indices.tolist()) <= {0, 1, 2, 3}
+    # four equal scores out of B=40: g = 1/4 each, w = 1/(B g) = 0.1
+    torch.testing.assert_close(batch.weights, torch.full((8,), 0.1), rtol=1e-3, atol=0)
+    assert sampler.tau > 5.0 * 0.9  # tau_hat = B sum g^2 = 10 pushed the average up
+    assert sampler.scored == 40
+
+
+def test_uniform_steps_update_tau_from_the_batch_forward_pass():
+    sampler = ImportanceSampler("loss", batch_size=4, presample_size=8, tau_momentum=0.0)
+    sampler.setup(8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    batch = sampler.sample(None, torch.zeros(8, 1), torch.zeros(8, dtype=torch.long), cross_entropy)
+    assert not batch.importance and batch.weights is None
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    sampler.observe(batch, None, None, torch.zeros(4, dtype=torch.long), logits, cross_entropy)
+    assert sampler.tau == pytest.approx(1.0)  # equal losses: no variance to reduce
