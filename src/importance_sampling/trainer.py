@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -41,6 +41,17 @@ METRICS_COLUMNS = (
     "scored",        # points scored by the sampler so far (presample forwards)
     "fallbacks",     # importance steps whose scores were all zero (uniform weights used)
 )
+
+
+class Callback:
+    """Hook into a run without touching the loop: logging, measurements, checkpoints.
+    Both methods are called outside the timed steps (their cost is not train_time)."""
+
+    def on_row(self, trainer: Trainer, row: dict) -> None:
+        """After each metrics row is written."""
+
+    def on_end(self, trainer: Trainer, summary: dict) -> None:
+        """When the run ends, whatever the status (also after an error)."""
 
 
 class TrainingError(RuntimeError):
@@ -83,6 +94,7 @@ class Trainer:
         eval_batch_size: points per forward pass during evaluation.
         amp: bf16 autocast on CUDA ("auto": on when the device is CUDA; never on CPU).
         progress: show a tqdm progress bar.
+        callbacks: ``Callback`` objects told of every metrics row and of the end of the run.
     """
 
     def __init__(
@@ -104,6 +116,7 @@ class Trainer:
         eval_batch_size: int = 4096,
         amp: bool | str = "auto",
         progress: bool = True,
+        callbacks: Sequence[Callback] = (),
     ):
         if time_budget is None and max_steps is None and max_epochs is None:
             raise ValueError("set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs")
@@ -116,6 +129,7 @@ class Trainer:
         self.time_budget, self.max_steps, self.max_epochs = time_budget, max_steps, max_epochs
         self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
         self.eval_batch_size, self.progress = eval_batch_size, progress
+        self.callbacks = list(callbacks)
         use_amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
@@ -251,6 +265,8 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
         self.rows.append(row)
+        for callback in self.callbacks:
+            callback.on_row(self, row)
         return row
 
     def _write_summary(self, status: str, error: str | None) -> dict:
@@ -272,4 +288,6 @@ class Trainer:
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(self.out_dir / "summary.json")
+        for callback in self.callbacks:
+            callback.on_end(self, summary)
         return summary
