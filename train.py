@@ -24,7 +24,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from importance_sampling.data import DataError  # noqa: E402
-from importance_sampling.trainer import Trainer, TrainingError, resolve_device  # noqa: E402
+from importance_sampling.trainer import Callback, Trainer, TrainingError, resolve_device  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -44,6 +44,11 @@ def build(node: DictConfig, what: str, **kwargs):
         raise ConfigError(f"{what}: {cause}") from None
 
 
+def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
+    """Callbacks (logging, measurements) the config asks for; the trainer calls them at each row."""
+    return []
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Build everything from ``cfg``, train, and return the summary (also in out_dir)."""
     if cfg.threads:
@@ -58,7 +63,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
              sum(p.numel() for p in model.parameters()), device)
     try:
         trainer = Trainer(model, optimizer, sampler, data, out_dir, device=device, seed=cfg.seed,
-                          **cfg.trainer)
+                          callbacks=make_callbacks(cfg, out_dir), **cfg.trainer)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"trainer: {e}") from None
     summary = trainer.fit()
