@@ -25,6 +25,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from importance_sampling.data import DataError  # noqa: E402
 from importance_sampling.trainer import Callback, Trainer, TrainingError, resolve_device  # noqa: E402
+from importance_sampling.variance import VarianceCallback  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -46,7 +47,13 @@ def build(node: DictConfig, what: str, **kwargs):
 
 def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
     """Callbacks (logging, measurements) the config asks for; the trainer calls them at each row."""
-    return []
+    callbacks: list[Callback] = []
+    if cfg.get("variance") and cfg.variance.every_rows:
+        try:
+            callbacks.append(VarianceCallback(**cfg.variance))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"variance: {e}") from None
+    return callbacks
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> dict:
