@@ -126,6 +126,12 @@ class IndexStream:
         self._cursor += k
         return out
 
+    def state_dict(self) -> dict:
+        return {"perm": self._perm, "cursor": self._cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._perm, self._cursor = state["perm"].to(self.device), int(state["cursor"])
+
 
 @dataclass
 class Batch:
@@ -142,7 +148,7 @@ class Sampler:
 
     name = "sampler"
     scored = 0  # points scored by presample forwards so far
-    fallbacks = 0  # importance steps whose scores were all zero (uniform weights used)
+    fallbacks = 0  # importance steps whose scores were all equal or all zero (a uniform step)
 
     def __init__(self, batch_size: int = 128):
         if batch_size < 1:
@@ -172,10 +178,10 @@ class Sampler:
         """See the step's forward pass (``inputs``, ``targets``, ``logits``: the batch's)."""
 
     def state_dict(self) -> dict:
-        return {}
+        return {"stream": self.stream.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.stream.load_state_dict(state["stream"])
 
 
 class UniformSampler(Sampler):
@@ -271,7 +277,7 @@ class ImportanceSampler(Sampler):
         self.scored += len(presample)
         probs = importance_probabilities(scores, self.smoothing)
         self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
-        if scores.max() + self.smoothing <= 0:
+        if scores.max() == scores.min():  # all zero or all equal: the step is a uniform one
             self.fallbacks += 1
         positions, weights = resample(probs, self.batch_size, self.generator)
         return Batch(presample[positions], weights, importance=True)
@@ -286,10 +292,11 @@ class ImportanceSampler(Sampler):
         self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
 
     def state_dict(self) -> dict:
-        return {"switch": self.switch.state_dict(), "scored": self.scored,
+        return {**super().state_dict(), "switch": self.switch.state_dict(), "scored": self.scored,
                 "fallbacks": self.fallbacks}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.switch.load_state_dict(state["switch"])
         self.scored, self.fallbacks = int(state["scored"]), int(state["fallbacks"])
 

@@ -5,7 +5,9 @@ One step = sampler picks indices and weights -> forward -> weighted loss -> back
 compared on the time they spend training. Outputs, in ``out_dir``:
 
 - ``metrics.csv``   one row per evaluation (columns: ``METRICS_COLUMNS``), flushed as written;
-- ``summary.json``  the last row plus totals, written when the run ends (also after an error).
+- ``summary.json``  the last row plus totals, written when the run ends (also after an error);
+- ``checkpoint.pt``  everything needed to resume exactly (with ``checkpoint_every``), written
+                     atomically at metrics rows, at the end, and as the last good state on failure.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -39,7 +42,7 @@ METRICS_COLUMNS = (
     "tau",           # the sampler's moving average of the equivalent batch-size increment
     "is_fraction",   # share of steps since the previous row that used importance sampling
     "scored",        # points scored by the sampler so far (presample forwards)
-    "fallbacks",     # importance steps whose scores were all zero (uniform weights used)
+    "fallbacks",     # importance steps whose scores were all equal or zero (so a uniform step)
 )
 
 
@@ -58,10 +61,37 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or scores); metrics so far are on disk."""
 
 
+def _check(name: str, value: float | None, minimum: float = 0.0, allow_none: bool = True) -> None:
+    """Raise a one-line ValueError naming ``trainer.<name>`` unless value > minimum (or None)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > minimum:
+        raise ValueError(f"trainer.{name} must be a number > {minimum:g}, got {value!r}")
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, no pickled code."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when there is a GPU, else the CPU; a CUDA device that is not there is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"{device} was asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA devices (use device=auto or cpu)")
+    return resolved
 
 
 @torch.inference_mode()
@@ -94,6 +124,10 @@ class Trainer:
         eval_batch_size: points per forward pass during evaluation.
         amp: bf16 autocast on CUDA ("auto": on when the device is CUDA; never on CPU).
         progress: show a tqdm progress bar.
+        checkpoint_every: write ``checkpoint.pt`` at the first metrics row after this many
+            ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: only
+            when the run fails, as the last good state).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
         callbacks: ``Callback`` objects told of every metrics row and of the end of the run.
     """
 
@@ -116,12 +150,24 @@ class Trainer:
         eval_batch_size: int = 4096,
         amp: bool | str = "auto",
         progress: bool = True,
+        checkpoint_every: float | None = None,
+        checkpoint_unit: str = "seconds",
+        resume: bool = False,
         callbacks: Sequence[Callback] = (),
     ):
+        for name, value in [("time_budget", time_budget), ("max_steps", max_steps),
+                            ("max_epochs", max_epochs), ("eval_every_seconds", eval_every_seconds),
+                            ("eval_every_steps", eval_every_steps), ("train_eval_size", train_eval_size),
+                            ("eval_batch_size", eval_batch_size), ("checkpoint_every", checkpoint_every)]:
+            _check(name, value, allow_none=name != "eval_batch_size")
         if time_budget is None and max_steps is None and max_epochs is None:
             raise ValueError("set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs")
         if eval_every_seconds is None and eval_every_steps is None:
             raise ValueError("set trainer.eval_every_seconds or trainer.eval_every_steps")
+        if checkpoint_unit not in ("seconds", "steps"):
+            raise ValueError(f"trainer.checkpoint_unit must be seconds or steps, got {checkpoint_unit!r}")
+        if amp not in ("auto", True, False):
+            raise ValueError(f"trainer.amp must be auto, true or false, got {amp!r}")
         self.device = torch.device(device)
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.data = data.to(self.device)
@@ -129,6 +175,7 @@ class Trainer:
         self.time_budget, self.max_steps, self.max_epochs = time_budget, max_steps, max_epochs
         self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
         self.eval_batch_size, self.progress = eval_batch_size, progress
+        self.checkpoint_every, self.checkpoint_unit, self.resume = checkpoint_every, checkpoint_unit, resume
         self.callbacks = list(callbacks)
         use_amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
         self.autocast = (
@@ -139,9 +186,11 @@ class Trainer:
         subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: train_eval_size or n]
         self.train_eval_idx = subset.sort().values.to(self.device)
         self.sampler.setup(n, self.generator, self.device)
-        # Counters; together with the model and optimizer they are the whole state of a run.
+        # Counters; with the model, optimizer, sampler and generators they are the state of a run.
         self.step = self.samples = self.importance_steps = 0
-        self.train_time = 0.0
+        self.train_time = self.wall_offset = 0.0
+        self.steps_since_row = self.is_steps_since_row = 0
+        self.last_checkpoint = 0.0  # train_time or step of the last checkpoint
         self.rows: list[dict] = []
 
     # ---------------------------------------------------------------- the step
@@ -154,6 +203,10 @@ class Trainer:
             logits = self.model(x)
             losses = self.loss_fn(logits, y)
             loss = losses.mean() if batch.weights is None else (batch.weights * losses).mean()
+        if not torch.isfinite(loss):  # before the update: the model is still the last good state
+            raise TrainingError(f"the training loss is {loss.item()} at step {self.step + 1}: the "
+                                "run diverged (lower the learning rate?)")
+        with self.autocast():
             self.sampler.observe(batch, self.model, x, y, logits.detach(), self.loss_fn)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +214,8 @@ class Trainer:
         self.step += 1
         self.samples += len(batch.indices)
         self.importance_steps += batch.importance
+        self.steps_since_row += 1
+        self.is_steps_since_row += batch.importance
         return loss.detach(), batch.importance
 
     # ---------------------------------------------------------------- the loop
@@ -168,53 +223,42 @@ class Trainer:
         """Train until a budget is spent; returns the summary (also written to summary.json)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start_wall = time.perf_counter()
-        n = len(self.data.train_x)
         status, error = "completed", None
-        is_steps = steps_since_row = 0
-        self._log_row(is_fraction=0.0)
-        next_eval_time = self.eval_every_seconds or math.inf
-        next_eval_step = self.eval_every_steps or math.inf
-        bar = tqdm(total=self._bar_total(), disable=not self.progress, unit="s" if self.time_budget else "step",
+        if self.resume and (self.out_dir / "checkpoint.pt").is_file():
+            self.load_state_dict(load_checkpoint(self.out_dir / "checkpoint.pt", self.device))
+            self._rewrite_metrics()
+        elif not self.rows:
+            self._log_row()
+        bar = tqdm(total=self._bar_total(), disable=not self.progress,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
                    desc=f"{self.sampler.name}")
+        self._update_bar(bar, self.rows[-1])
         try:
             self.model.train()
             interval_start = time.perf_counter()
             while True:
                 elapsed = self.train_time + time.perf_counter() - interval_start
-                done = (
-                    (self.time_budget is not None and elapsed >= self.time_budget)
-                    or (self.max_steps is not None and self.step >= self.max_steps)
-                    or (self.max_epochs is not None and self.samples >= self.max_epochs * n)
-                )
-                if done or elapsed >= next_eval_time or self.step >= next_eval_step:
+                done = self._budget_spent(elapsed)
+                if done or self._row_due(elapsed):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()  # count queued GPU work in this interval
                     self.train_time += time.perf_counter() - interval_start
-                    if steps_since_row or not done:
-                        row = self._log_row(is_fraction=is_steps / max(steps_since_row, 1))
-                        is_steps = steps_since_row = 0
+                    if self.steps_since_row or not done:
+                        row = self._log_row()
                         self._update_bar(bar, row)
-                        if not math.isfinite(row["train_loss"]):
-                            raise TrainingError(
-                                f"training loss is {row['train_loss']} at step {self.step}: the run "
-                                "diverged (lower the learning rate?)")
-                    while next_eval_time <= self.train_time:
-                        next_eval_time += self.eval_every_seconds
-                    while next_eval_step <= self.step:
-                        next_eval_step += self.eval_every_steps
+                        if self._checkpoint_due() or (done and self.checkpoint_every):
+                            self.save()
                     if done:
                         break
                     interval_start = time.perf_counter()
-                _, importance = self.train_step()
-                is_steps += importance
-                steps_since_row += 1
-        except NonFiniteScoresError as e:
-            status, error = "failed", f"step {self.step}: {e}"
-            raise TrainingError(f"importance scores are not finite at step {self.step} ({e})") from e
-        except TrainingError as e:
-            status, error = "failed", str(e)
-            raise
+                self.train_step()
+        except (TrainingError, NonFiniteScoresError) as e:
+            status, error = "failed", str(e) if isinstance(e, TrainingError) else \
+                f"importance scores are not finite at step {self.step + 1} ({e})"
+            self.train_time += time.perf_counter() - interval_start
+            self.save()  # the last good state, to inspect or to resume with other settings
+            raise TrainingError(f"{error}; metrics so far and the last good state are in "
+                                f"{self.out_dir}") from None
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
             raise
@@ -222,6 +266,63 @@ class Trainer:
             bar.close()
             summary = self._write_summary(status, error)
         return summary
+
+    def _budget_spent(self, elapsed: float) -> bool:
+        return (
+            (self.time_budget is not None and elapsed >= self.time_budget)
+            or (self.max_steps is not None and self.step >= self.max_steps)
+            or (self.max_epochs is not None and self.samples >= self.max_epochs * len(self.data.train_x))
+        )
+
+    def _row_due(self, elapsed: float) -> bool:
+        last = self.rows[-1]
+        return (
+            (self.eval_every_steps is not None and self.step - last["step"] >= self.eval_every_steps)
+            or (self.eval_every_seconds is not None
+                and elapsed - last["train_time"] >= self.eval_every_seconds)
+        )
+
+    def _checkpoint_due(self) -> bool:
+        if not self.checkpoint_every:
+            return False
+        now = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        return now - self.last_checkpoint >= self.checkpoint_every
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "counters": {k: getattr(self, k) for k in (
+                "step", "samples", "importance_steps", "train_time", "steps_since_row",
+                "is_steps_since_row", "last_checkpoint")},
+            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
+            "rows": self.rows,
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        self.wall_offset = state["wall_time"]
+        self.rows = list(state["rows"])
+
+    def save(self) -> None:
+        """Write checkpoint.pt atomically."""
+        self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
 
     # ---------------------------------------------------------------- outputs
     def _bar_total(self) -> float:
@@ -237,7 +338,7 @@ class Trainer:
         bar.set_postfix_str(f"loss={row['train_loss']:.4f} err={row['test_error']:.3f} "
                             f"tau={row['tau']:.2f} IS={on}", refresh=True)
 
-    def _log_row(self, is_fraction: float) -> dict:
+    def _log_row(self) -> dict:
         idx = self.train_eval_idx
         train_loss, train_error = evaluate(self.model, self.data.train_x[idx], self.data.train_y[idx],
                                            self.loss_fn, self.eval_batch_size, self.autocast)
@@ -248,26 +349,34 @@ class Trainer:
             "samples": self.samples,
             "epoch": self.samples / len(self.data.train_x),
             "train_time": self.train_time,
-            "wall_time": time.perf_counter() - self._start_wall,
+            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
             "train_loss": train_loss,
             "train_error": train_error,
             "test_loss": test_loss,
             "test_error": test_error,
             "tau": self.sampler.tau,
-            "is_fraction": is_fraction,
+            "is_fraction": self.is_steps_since_row / max(self.steps_since_row, 1),
             "scored": self.sampler.scored,
             "fallbacks": self.sampler.fallbacks,
         }
-        path = self.out_dir / "metrics.csv"
-        with open(path, "a" if self.rows else "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-            if not self.rows:
-                writer.writeheader()
-            writer.writerow(row)
+        self.steps_since_row = self.is_steps_since_row = 0
+        self._append_metrics([row], header=not self.rows)
         self.rows.append(row)
         for callback in self.callbacks:
             callback.on_row(self, row)
         return row
+
+    def _append_metrics(self, rows: list[dict], header: bool) -> None:
+        # open-write-close per row: a crash loses at most the row being evaluated
+        with open(self.out_dir / "metrics.csv", "w" if header else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            if header:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _rewrite_metrics(self) -> None:
+        """On resume, metrics.csv holds exactly the checkpoint's rows (later ones are redone)."""
+        self._append_metrics(self.rows, header=True)
 
     def _write_summary(self, status: str, error: str | None) -> dict:
         last = self.rows[-1] if self.rows else {}
@@ -280,7 +389,7 @@ class Trainer:
             "device": str(self.device),
             "importance_steps": self.importance_steps,
             "best_test_error": min((r["test_error"] for r in self.rows), default=None),
-            "wall_time": time.perf_counter() - self._start_wall,
+            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
         }
         # strict JSON: NaN (e.g. the tau of the uniform sampler) is written as null
         summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v
