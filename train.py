@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from importance_sampling.data import DataError  # noqa: E402
 from importance_sampling.trainer import Callback, Trainer, TrainingError, resolve_device  # noqa: E402
@@ -53,6 +53,13 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
             callbacks.append(VarianceCallback(**cfg.variance))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"variance: {e}") from None
+    if cfg.logger.get("_target_"):  # logger=wandb (conf/logger/); logger=none has no target
+        # W&B groups runs by the experiment preset; without one the logger uses <dataset>_<model>
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        callbacks.append(build(
+            cfg.logger, "logger", _recursive_=False, _convert_="all", out_dir=str(out_dir), seed=cfg.seed,
+            group=cfg.logger.group or choices.get("experiment"),
+            run_config=OmegaConf.to_container(cfg, resolve=True)))
     return callbacks
 
 
