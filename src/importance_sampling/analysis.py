@@ -1,0 +1,434 @@
+"""From run directories to the paper's comparisons: which sampler reaches which loss first.
+
+Data flows one way: run directories (metrics.csv, summary.json, .hydra/) -> ``collect_runs`` ->
+one tidy DataFrame, one row per run and evaluation -> time-to-loss, equal-time tables, figures.
+
+- ``time_to_loss``: for a target training loss, the train_time at which each run first reaches it,
+  linearly interpolated between the two metrics rows around the crossing; a run that never
+  reaches it is *censored* (time NaN, ``reached`` False, ``censored_at`` its last train_time).
+- ``speedup``: per seed, t_baseline / t_sampler, summarised by the median, min and max over seeds;
+  with a censored run the ratio is a bound (see ``speedup``).
+- ``at_time`` / ``equal_time_table``: training loss and test error at equal train_time (the
+  paper's table form), interpolated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+# columns that name a run; every other column of the tidy frame is a metric of METRICS_COLUMNS
+RUN_COLUMNS = ("run", "experiment", "dataset", "model", "sampler", "optimizer", "seed", "status")
+SAMPLER_ORDER = ("uniform", "loss", "upper_bound", "gradient_norm")
+RUNS_CSV = "runs.csv"
+
+
+# ---------------------------------------------------------------- collecting runs
+def find_runs(root: str | Path) -> list[Path]:
+    """Every directory under ``root`` (itself included) that holds a metrics.csv, sorted."""
+    root = Path(root)
+    return sorted(p.parent for p in root.rglob("metrics.csv") if ".submitit" not in p.parts)
+
+
+def _read_yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFrame:
+    """One run's metrics.csv with the columns that name it (RUN_COLUMNS) in front.
+
+    Names come from the run's Hydra files (the group choices, e.g. sampler=upper_bound) and fall
+    back on summary.json; ``run`` is the directory relative to ``root``.
+    """
+    run_dir = Path(run_dir)
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml")
+    choices = _read_yaml(run_dir / ".hydra" / "hydra.yaml").get("hydra", {}).get("runtime", {})
+    choices = choices.get("choices", {}) or {}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    names = {
+        "run": str(run_dir.relative_to(root)) if root is not None else str(run_dir),
+        "experiment": choices.get("experiment"),
+        "dataset": choices.get("dataset") or summary.get("dataset"),
+        "model": choices.get("model"),
+        "sampler": choices.get("sampler") or summary.get("sampler"),
+        "optimizer": choices.get("optimizer"),
+        "seed": config.get("seed"),
+        # no summary.json: the run is still going or was killed
+        "status": summary.get("status", "running"),
+    }
+    for i, (key, value) in enumerate(names.items()):
+        metrics.insert(i, key, value)
+    return metrics
+
+
+def collect_runs(root: str | Path) -> pd.DataFrame:
+    """Every run under ``root`` in one tidy frame: one row per run and evaluation.
+
+    Columns: RUN_COLUMNS, then the metrics (trainer.METRICS_COLUMNS)."""
+    root = Path(root)
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run (a directory with metrics.csv) under {root}")
+    frame = pd.concat([read_run(r, root) for r in runs], ignore_index=True)
+    return frame.sort_values(["sampler", "seed", "run", "step"], kind="stable", ignore_index=True)
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    """The tidy frame of a sweep directory (its runs), or of a runs.csv written by ``save``.
+
+    A directory without run directories but with a runs.csv (e.g. results/<name>/) is read from it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return pd.read_csv(path)
+    if find_runs(path):
+        return collect_runs(path)
+    if (path / RUNS_CSV).is_file():
+        return pd.read_csv(path / RUNS_CSV)
+    raise FileNotFoundError(f"no run (a directory with metrics.csv) and no {RUNS_CSV} under {path}")
+
+
+def samplers_in_order(names: Iterable[str]) -> list[str]:
+    """The paper's order (uniform first), then any other sampler alphabetically."""
+    names = set(names)
+    return [s for s in SAMPLER_ORDER if s in names] + sorted(names - set(SAMPLER_ORDER))
+
+
+# ---------------------------------------------------------------- interpolation
+def first_crossing(times: Sequence[float], values: Sequence[float], target: float) -> float:
+    """The first time at which ``values`` reaches ``target`` or below, NaN if it never does.
+
+    Linear interpolation between the last row above the target and the first row at or below it
+    (a run that starts at or below the target reaches it at its first time).
+    """
+    t = np.asarray(times, dtype=float)
+    v = np.asarray(values, dtype=float)
+    below = np.flatnonzero(v <= target)  # NaN (a diverged run) compares False: never reached
+    if len(below) == 0:
+        return math.nan
+    i = below[0]
+    if i == 0:
+        return float(t[0])
+    t0, t1, v0, v1 = t[i - 1], t[i], v[i - 1], v[i]
+    return float(t0 + (v0 - target) / (v0 - v1) * (t1 - t0))
+
+
+def value_at(times: Sequence[float], values: Sequence[float], at: float) -> float:
+    """``values`` linearly interpolated at time ``at``; NaN outside [times[0], times[-1]]."""
+    t = np.asarray(times, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if len(t) == 0 or at < t[0] or at > t[-1]:
+        return math.nan
+    return float(np.interp(at, t, v))
+
+
+def _by_run(runs: pd.DataFrame):
+    keys = [c for c in RUN_COLUMNS if c in runs.columns]
+    for _, rows in runs.groupby("run", sort=False):
+        rows = rows.sort_values("train_time", kind="stable")
+        yield {k: rows[k].iloc[0] for k in keys}, rows
+
+
+# ---------------------------------------------------------------- time to loss
+def time_to_loss(runs: pd.DataFrame, targets: float | Sequence[float],
+                 metric: str = "train_loss") -> pd.DataFrame:
+    """One row per run and target: the train_time at which ``metric`` first reaches the target.
+
+    Columns: the run's names, target, time (NaN when censored), reached, censored_at (the run's
+    last train_time: a censored run needs more than that)."""
+    targets = [targets] if np.isscalar(targets) else list(targets)
+    out = []
+    for names, rows in _by_run(runs):
+        for target in targets:
+            t = first_crossing(rows["train_time"], rows[metric], target)
+            out.append({**names, "target": float(target), "time": t, "reached": not math.isnan(t),
+                        "censored_at": float(rows["train_time"].iloc[-1])})
+    return pd.DataFrame(out)
+
+
+def speedup(ttl: pd.DataFrame, baseline: str = "uniform") -> pd.DataFrame:
+    """Per sampler and target: the time to target over seeds and the speedup over ``baseline``.
+
+    Speedup of one seed = t_baseline / t_sampler (same seed and target). A censored time is
+    replaced by its censoring time, which turns the ratio into a bound: an upper bound ("<") when
+    only the sampler never reached the target, a lower bound (">") when only the baseline never
+    did; seeds where neither did carry no information and are left out. Median, min and max are
+    monotone, so their values inherit the bound; ``speedup_bound`` says which: "=" (all exact),
+    "<", ">", or "?" (bounds both ways: not bounded).
+
+    Columns: target, sampler, runs, reached, time_median/min/max (over the runs that reached the
+    target), censored_at (the shortest run's last train_time), speedup_median/min/max,
+    speedup_bound, pairs (the seeds compared).
+    """
+    out = []
+    for target, at_target in ttl.groupby("target", sort=False):
+        base = at_target[at_target["sampler"] == baseline].set_index("seed")
+        for sampler in samplers_in_order(at_target["sampler"]):
+            mine = at_target[at_target["sampler"] == sampler]
+            pairs = mine.set_index("seed").join(base, how="inner", rsuffix="_base")
+            pairs = pairs[pairs["reached"] | pairs["reached_base"]]
+            t = pairs["time"].where(pairs["reached"], pairs["censored_at"])
+            t_base = pairs["time_base"].where(pairs["reached_base"], pairs["censored_at_base"])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = (t_base / t).to_numpy(dtype=float)
+            kinds = {"<" if not r else ">" if not rb else "="
+                     for r, rb in zip(pairs["reached"], pairs["reached_base"], strict=True)} - {"="}
+            reached = mine[mine["reached"]]["time"]
+            out.append({
+                "target": target,
+                "sampler": sampler,
+                "runs": len(mine),
+                "reached": int(mine["reached"].sum()),
+                "time_median": reached.median() if len(reached) else math.nan,
+                "time_min": reached.min() if len(reached) else math.nan,
+                "time_max": reached.max() if len(reached) else math.nan,
+                "censored_at": mine["censored_at"].min(),
+                "speedup_median": float(np.median(ratios)) if len(ratios) else math.nan,
+                "speedup_min": float(ratios.min()) if len(ratios) else math.nan,
+                "speedup_max": float(ratios.max()) if len(ratios) else math.nan,
+                "speedup_bound": kinds.pop() if len(kinds) == 1 else "?" if kinds else "=",
+                "pairs": len(ratios),
+            })
+    return pd.DataFrame(out)
+
+
+def default_targets(runs: pd.DataFrame, baseline: str = "uniform", metric: str = "train_loss",
+                    factors: Sequence[float] = (2.0, 1.5, 1.0)) -> list[float]:
+    """Targets every ``baseline`` run reaches: its worst final ``metric`` (rounded up to two
+    significant digits) times each factor. Falls back on all runs if there is no baseline."""
+    base = runs[runs["sampler"] == baseline] if (runs["sampler"] == baseline).any() else runs
+    final = base.sort_values("train_time").groupby("run")[metric].last().max()
+    return [round_up(final * f) for f in factors]
+
+
+def round_up(x: float, digits: int = 2) -> float:
+    """``x`` rounded up to ``digits`` significant digits (0.2312 -> 0.24)."""
+    if not math.isfinite(x) or x <= 0:
+        return x
+    scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return round(math.ceil(round(x / scale, 9)) * scale, 12)
+
+
+# ---------------------------------------------------------------- equal train_time
+def at_time(runs: pd.DataFrame, at: float,
+            metrics: Sequence[str] = ("train_loss", "test_error")) -> pd.DataFrame:
+    """One row per run: each metric interpolated at train_time ``at`` (NaN if the run ended before)."""
+    out = []
+    for names, rows in _by_run(runs):
+        out.append({**names, "train_time": float(at),
+                    **{m: value_at(rows["train_time"], rows[m], at) for m in metrics}})
+    return pd.DataFrame(out)
+
+
+def common_time(runs: pd.DataFrame) -> float:
+    """The longest train_time every run reached (the end of the shortest run)."""
+    return float(runs.groupby("run")["train_time"].max().min())
+
+
+def equal_time_table(runs: pd.DataFrame, at: float | None = None, baseline: str = "uniform",
+                     metrics: Sequence[str] = ("train_loss", "test_error")) -> pd.DataFrame:
+    """Per sampler: the median, min and max over seeds of each metric at train_time ``at``
+    (default: ``common_time``), and the median relative to the baseline's median (1 = equal)."""
+    at = common_time(runs) if at is None else at
+    values = at_time(runs, at, metrics)
+    out = []
+    base = values[values["sampler"] == baseline]
+    for sampler in samplers_in_order(values["sampler"]):
+        mine = values[values["sampler"] == sampler]
+        row = {"sampler": sampler, "train_time": at, "runs": len(mine)}
+        for m in metrics:
+            row[f"{m}_median"] = mine[m].median()
+            row[f"{m}_min"], row[f"{m}_max"] = mine[m].min(), mine[m].max()
+            row[f"{m}_vs_{baseline}"] = (mine[m].median() / base[m].median()
+                                         if len(base) else math.nan)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------- curves over seeds
+def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
+    """Per sampler, ``metric`` on a common train_time grid: median, min and max over its runs.
+
+    Each run is interpolated on the grid up to its own last row (NaN after)."""
+    grid = np.linspace(0.0, runs["train_time"].max(), points)
+    out = []
+    for sampler in samplers_in_order(runs["sampler"]):
+        per_run = np.array([[value_at(rows["train_time"], rows[metric], t) for t in grid]
+                            for _, rows in _by_run(runs[runs["sampler"] == sampler])])
+        keep = ~np.all(np.isnan(per_run), axis=0)
+        with np.errstate(all="ignore"):
+            out.append(pd.DataFrame({
+                "sampler": sampler, "train_time": grid[keep],
+                "median": np.nanmedian(per_run[:, keep], axis=0),
+                "min": np.nanmin(per_run[:, keep], axis=0),
+                "max": np.nanmax(per_run[:, keep], axis=0),
+                "runs": (~np.isnan(per_run[:, keep])).sum(axis=0),
+            }))
+    return pd.concat(out, ignore_index=True)
+
+
+# ---------------------------------------------------------------- figures
+COLORS = {"uniform": "tab:gray", "loss": "tab:orange", "upper_bound": "tab:blue",
+          "gradient_norm": "tab:green"}
+
+
+def plot_curves(runs: pd.DataFrame, metric: str, ax=None, log: bool = False, ylabel: str | None = None):
+    """``metric`` against train_time: the median over seeds per sampler and a min-max band."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    table = curves(runs, metric)
+    for sampler in samplers_in_order(table["sampler"]):
+        c = table[table["sampler"] == sampler]
+        n = runs[runs["sampler"] == sampler]["run"].nunique()
+        color = COLORS.get(sampler)
+        ax.plot(c["train_time"], c["median"], color=color, label=f"{sampler} ({n} seeds)")
+        ax.fill_between(c["train_time"], c["min"], c["max"], color=color, alpha=0.2, lw=0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("train_time (s)")
+    ax.set_ylabel(ylabel or metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return ax
+
+
+def plot_time_to_loss(table: pd.DataFrame, ax=None):
+    """Bars of the median time to each target per sampler (``speedup`` output), with min-max
+    whiskers over the runs that reached it; a hatched bar up to the budget when none did."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    targets = list(dict.fromkeys(table["target"]))
+    samplers = samplers_in_order(table["sampler"])
+    width = 0.8 / len(samplers)
+    for j, sampler in enumerate(samplers):
+        rows = table[table["sampler"] == sampler].set_index("target").reindex(targets)
+        x = np.arange(len(targets)) + (j - (len(samplers) - 1) / 2) * width
+        color = COLORS.get(sampler)
+        reached = rows["reached"].to_numpy() > 0
+        med = rows["time_median"].to_numpy()
+        err = np.array([med - rows["time_min"].to_numpy(), rows["time_max"].to_numpy() - med])
+        ax.bar(x[reached], med[reached], width, color=color, yerr=err[:, reached], capsize=2,
+               label=sampler if reached.any() else None)
+        ax.bar(x[~reached], rows["censored_at"].to_numpy()[~reached], width, color="none",
+               edgecolor=color, hatch="//", label=None if reached.any() else f"{sampler} (never)")
+        for xi, r, n in zip(x, rows["reached"], rows["runs"], strict=True):
+            if r < n:  # some runs never reached the target: say how many did
+                ax.annotate(f"{r}/{n}", (xi, 0), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(targets)), [f"{t:g}" for t in targets])
+    ax.set_xlabel("target training loss")
+    ax.set_ylabel("train_time to reach it (s)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return ax
+
+
+def figure(runs: pd.DataFrame, table: pd.DataFrame, title: str | None = None):
+    """The three panels: training loss (log), test error, time to loss."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
+    plot_curves(runs, "train_loss", axes[0], log=True, ylabel="training loss")
+    plot_curves(runs, "test_error", axes[1], ylabel="test error")
+    plot_time_to_loss(table, axes[2])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------- tables
+def _fmt(x: float, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return "∞"
+    return format(x, spec)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def time_to_loss_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
+    """``speedup`` output as a markdown table: median [min, max] over seeds."""
+    rows = []
+    for r in table.itertuples():
+        if r.reached:
+            time = f"{_fmt(r.time_median, '.1f')} [{_fmt(r.time_min, '.1f')}, {_fmt(r.time_max, '.1f')}]"
+        else:
+            time = f"> {_fmt(r.censored_at, '.1f')}"
+        bound = "" if r.speedup_bound == "=" else "~ " if r.speedup_bound == "?" else f"{r.speedup_bound} "
+        speed = (f"{bound}{_fmt(r.speedup_median, '.2f')}× [{_fmt(r.speedup_min, '.2f')}, "
+                 f"{_fmt(r.speedup_max, '.2f')}]" if r.pairs else "–")
+        rows.append([f"{r.target:g}", r.sampler, f"{r.reached}/{r.runs}", time, speed])
+    return markdown_table(["target loss", "sampler", "reached", "train_time (s)",
+                           f"speedup over {baseline}"], rows)
+
+
+def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
+    """``equal_time_table`` output as a markdown table: median [min, max] over seeds."""
+    rows = []
+    for r in table.to_dict("records"):
+        rows.append([
+            r["sampler"], str(r["runs"]),
+            f"{_fmt(r['train_loss_median'], '.4f')} [{_fmt(r['train_loss_min'], '.4f')}, "
+            f"{_fmt(r['train_loss_max'], '.4f')}]",
+            _fmt(r[f"train_loss_vs_{baseline}"], ".2f"),
+            f"{_fmt(100 * r['test_error_median'], '.2f')} [{_fmt(100 * r['test_error_min'], '.2f')}, "
+            f"{_fmt(100 * r['test_error_max'], '.2f')}]",
+            _fmt(r[f"test_error_vs_{baseline}"], ".2f"),
+        ])
+    return markdown_table(["sampler", "seeds", "training loss", f"vs {baseline}",
+                           "test error (%)", f"vs {baseline}"], rows)
+
+
+def report(runs: pd.DataFrame, targets: Sequence[float] | None = None, at: float | None = None,
+           baseline: str = "uniform") -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(speedup table, equal-time table, markdown of both) with the defaults above."""
+    targets = default_targets(runs, baseline) if targets is None else list(targets)
+    table = speedup(time_to_loss(runs, targets), baseline)
+    equal = equal_time_table(runs, at, baseline)
+    seeds = runs.groupby("sampler")["seed"].nunique().max()
+    text = (
+        f"Time to reach a training loss (train_time, median [min, max] over {seeds} seeds; "
+        f"'> t': no run reached it within t s; speedup = t_{baseline} / t_sampler per seed, "
+        f"'<' / '>': a bound, as some runs never reached the target):\n\n"
+        f"{time_to_loss_markdown(table, baseline)}\n\n"
+        f"At equal train_time = {equal['train_time'].iloc[0]:.1f} s (median [min, max] over seeds; "
+        f"'vs {baseline}' = ratio of medians):\n\n"
+        f"{equal_time_markdown(equal, baseline)}\n"
+    )
+    return table, equal, text
+
+
+def save(runs: pd.DataFrame, out_dir: str | Path, targets: Sequence[float] | None = None,
+         at: float | None = None, baseline: str = "uniform", title: str | None = None) -> dict:
+    """Write runs.csv, time_to_loss.csv, equal_time.csv, table.md and figure.png to ``out_dir``."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table, equal, text = report(runs, targets, at, baseline)
+    paths = {"runs": out / RUNS_CSV, "time_to_loss": out / "time_to_loss.csv",
+             "equal_time": out / "equal_time.csv", "table": out / "table.md",
+             "figure": out / "figure.png"}
+    runs.to_csv(paths["runs"], index=False)
+    table.to_csv(paths["time_to_loss"], index=False)
+    equal.to_csv(paths["equal_time"], index=False)
+    paths["table"].write_text((f"# {title}\n\n" if title else "") + text)
+    fig = figure(runs, table, title)
+    fig.savefig(paths["figure"], dpi=110)
+    plt.close(fig)
+    return paths
+
