@@ -118,6 +118,8 @@ def first_crossing(times: Sequence[float], values: Sequence[float], target: floa
     if i == 0:
         return float(t[0])
     t0, t1, v0, v1 = t[i - 1], t[i], v[i - 1], v[i]
+    if not math.isfinite(v0):  # nothing to interpolate from: the row where it is reached
+        return float(t1)
     return float(t0 + (v0 - target) / (v0 - v1) * (t1 - t0))
 
 
@@ -247,8 +249,9 @@ def equal_time_table(runs: pd.DataFrame, at: float | None = None, baseline: str 
         for m in metrics:
             row[f"{m}_median"] = mine[m].median()
             row[f"{m}_min"], row[f"{m}_max"] = mine[m].min(), mine[m].max()
-            row[f"{m}_vs_{baseline}"] = (mine[m].median() / base[m].median()
-                                         if len(base) else math.nan)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                row[f"{m}_vs_{baseline}"] = (mine[m].median() / base[m].median()
+                                             if len(base) else math.nan)
         out.append(row)
     return pd.DataFrame(out)
 

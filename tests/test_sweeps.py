@@ -1,0 +1,249 @@
+"""Sweeps end to end: presets, W&B logging (real offline mode), the joblib and submitit launchers,
+W&B sweep definitions, and the analysis of a real sweep by the script and the notebook."""
+
+import itertools
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
+SWEPT = ["uniform", "upper_bound"]  # the real sweeps of these tests: 2 samplers x 2 seeds
+TINY = ["trainer.time_budget=null", "trainer.max_steps=20", "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=5", "trainer.progress=false", "threads=1"]
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- configs
+@pytest.mark.parametrize("experiment", presets())
+def test_every_experiment_preset_composes_with_every_sampler(experiment, compose):
+    from hydra.utils import instantiate
+
+    for sampler in SAMPLERS:
+        cfg = compose(f"experiment={experiment}", f"sampler={sampler}", "seed=3")
+        instantiate(cfg.sampler)
+        assert cfg.seed == 3 and cfg.sampler.batch_size > 0
+    # a preset overrides the base config, the command line overrides the preset
+    cfg = compose(f"experiment={experiment}", "trainer.time_budget=7")
+    assert cfg.trainer.time_budget == 7
+
+
+def test_fashion_mnist_mlp_preset_bundles_dataset_model_optimizer_budget(compose):
+    cfg = compose("experiment=fashion_mnist_mlp")
+    assert cfg.dataset._target_.endswith("fashion_mnist") and cfg.model._target_.endswith("MLP")
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert (cfg.trainer.time_budget, cfg.trainer.eval_every_seconds) == (60, 2.0)
+
+
+def sweep_definitions() -> list[Path]:
+    return sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", sweep_definitions(), ids=lambda p: p.stem)
+def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["program"] == "train.py" and (ROOT / sweep["program"]).is_file()
+    # Hydra rejects --key=value: the agent must pass key=value
+    assert sweep["command"][-1] == "${args_no_hyphens}"
+    params = sweep["parameters"]
+    assert (ROOT / "conf" / "experiment" / f"{params['experiment']['value']}.yaml").is_file()
+    names = list(params)
+    grid = [p["values"] if "values" in p else [p["value"]] for p in params.values()]
+    for combo in itertools.product(*grid):
+        cfg = compose(*(f"{k}={v}" for k, v in zip(names, combo, strict=True)))
+        assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode == "online"
+
+
+# ---------------------------------------------------------------- W&B, real offline mode
+def read_wandb_records(run_dir: Path) -> dict[str, list]:
+    """The records of an offline W&B run (its .wandb file, a LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("*.wandb")
+    data, pos, block, records, chunk = path.read_bytes(), 7, 32768, {}, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = chunk + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # full or last fragment
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            which = record.WhichOneof("record_type")
+            records.setdefault(which, []).append(getattr(record, which))
+            chunk = b""
+        elif kind == 0:
+            break
+    return records
+
+
+def history(records: dict) -> list[dict]:
+    return [{i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json) for i in h.item}
+            for h in records.get("history", [])]
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path / "wandb_dir" / "wandb"
+
+
+def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
+        compose, tmp_path, wandb_offline):
+    import wandb
+
+    import train
+    from importance_sampling.trainer import TrainingError
+
+    summaries = []
+    for seed in (0, 1):
+        cfg = compose("logger=wandb", "sampler=upper_bound", f"seed={seed}", *TINY)
+        summaries.append(train.run(cfg, tmp_path / f"run{seed}"))
+        assert wandb.run is None  # finished by on_end
+    # a job that fails: its W&B run is finished too (exit code 1), the next job gets its own
+    cfg = compose("logger=wandb", "sampler=uniform", "optimizer.lr=1e6", "seed=2", *TINY)
+    with pytest.raises(TrainingError):
+        train.run(cfg, tmp_path / "diverged")
+    assert wandb.run is None
+
+    runs = sorted(wandb_offline.glob("offline-run-*"))
+    assert len(runs) == 3
+    by_name = {}
+    for run_dir in runs:
+        records = read_wandb_records(run_dir)
+        (run,) = records["run"]
+        by_name[run.display_name] = (run, records)
+    assert set(by_name) == {"upper_bound_seed0", "upper_bound_seed1", "uniform_seed2"}
+    for seed in (0, 1):
+        run, records = by_name[f"upper_bound_seed{seed}"]
+        assert run.run_group == "digits_mlp" and run.project == "importance-sampling"
+        assert set(run.tags) == {"sampler=upper_bound", f"seed={seed}"}
+        config = {u.key: json.loads(u.value_json) for u in run.config.update}
+        assert config["seed"] == seed and config["sampler"]["score"] == "upper_bound"
+        assert config["trainer"]["max_steps"] == 20 and config["run_dir"].endswith(f"run{seed}")
+        rows = history(records)
+        metrics = pd.read_csv(tmp_path / f"run{seed}" / "metrics.csv")
+        assert [r["step"] for r in rows] == metrics["step"].tolist() == [0, 5, 10, 15, 20]
+        assert [r["train_loss"] for r in rows] == pytest.approx(metrics["train_loss"].tolist())
+        summary = {u.key or u.nested_key[0]: json.loads(u.value_json)
+                   for s in records["summary"] for u in s.update}
+        assert summary["status"] == "completed" and summary["step"] == 20
+        assert records["exit"][-1].exit_code == 0
+    _, failed = by_name["uniform_seed2"]
+    assert failed["exit"][-1].exit_code == 1
+    assert len(history(failed)) == len(pd.read_csv(tmp_path / "diverged" / "metrics.csv"))
+
+
+def test_wandb_mode_follows_wandb_mode_and_disabled_always_wins(compose, monkeypatch):
+    from importance_sampling.wandb_logger import resolve_mode
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert compose("logger=wandb").logger.mode == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    assert compose("logger=wandb").logger.mode == "offline"  # the default never needs a network
+    assert resolve_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # CI
+    assert resolve_mode("online") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ValueError, match="logger.mode must be one of"):
+        resolve_mode("sometimes")
+
+
+# ---------------------------------------------------------------- launchers, script, notebook
+def run_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IS_DATA_DIR": str(cwd / "data"), **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def joblib_sweep(tmp_path_factory):
+    """A real 2-sampler x 2-seed multirun on digits with the joblib launcher (2 workers, reused by
+    the 4 jobs) and offline W&B logging. (The 4-sampler sweep is scripts/time_to_loss.py's.)"""
+    tmp = tmp_path_factory.mktemp("joblib_sweep")
+    sweep = tmp / "sweep"
+    run_train("-m", "experiment=digits_mlp", f"sampler={','.join(SWEPT)}", "seed=0,1", *TINY,
+              "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=wandb",
+              f"hydra.sweep.dir={sweep}", cwd=tmp,
+              env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    return sweep
+
+
+@pytest.mark.slow
+def test_joblib_multirun_writes_every_run_and_one_wandb_run_per_job(joblib_sweep):
+    from importance_sampling import analysis
+
+    runs = analysis.find_runs(joblib_sweep)
+    assert sorted(r.name.rsplit("_", 1)[0] for r in runs) == sorted(
+        f"{s}_seed{seed}" for s in SWEPT for seed in (0, 1))
+    for run in runs:
+        assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+        (wandb_run,) = (run / "wandb").glob("offline-run-*")  # its own W&B run, beside its metrics
+        records = read_wandb_records(wandb_run)
+        (meta,) = records["run"]
+        assert meta.display_name == run.name.rsplit("_", 1)[0] and meta.run_group == "digits_mlp"
+        assert len(history(records)) == 5
+
+
+@pytest.mark.slow
+def test_aggregation_script_on_a_real_sweep(joblib_sweep, tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "aggregate.py"), str(joblib_sweep),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 * 5 and runs["run"].nunique() == 4
+    assert set(runs["sampler"]) == set(SWEPT) and set(runs["experiment"]) == {"digits_mlp"}
+    table = pd.read_csv(out / "time_to_loss.csv")
+    assert set(table["sampler"]) == set(SWEPT) and len(table) == 3 * 2
+    assert "speedup over uniform" in (out / "table.md").read_text()
+    assert (out / "figure.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    path = ROOT / "notebooks" / "time_to_loss.ipynb"
+    committed = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") and not c.get("execution_count")
+               for c in committed.cells if c.cell_type == "code"), "strip the notebook's outputs"
+    monkeypatch.setenv("SWEEP_DIR", str(joblib_sweep))
+    monkeypatch.setenv("SAVE_TO", str(tmp_path / "saved"))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    NotebookClient(committed, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in committed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "4 runs, 20 metrics rows" in text
+    assert (tmp_path / "saved" / "figure.png").is_file()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", "sampler=uniform,upper_bound", *TINY, "hydra/launcher=submitit_local",
+              "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    for name in ("uniform_seed0_0", "upper_bound_seed0_1"):
+        summary = json.loads((sweep / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 20
+    assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
