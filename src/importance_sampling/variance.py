@@ -225,6 +225,7 @@ class VarianceCallback(Callback):
         self.every_rows, self.seed, self.chunk_size = int(every_rows), int(seed), int(chunk_size)
         self.presample_size, self.batch_size, self.filename = presample_size, batch_size, filename
         self.presample: Tensor | None = None
+        self.rows: list[dict] = []  # every measurement so far, as written (e.g. for a logger)
         self.measured_steps: list[int] = []
 
     def _setup(self, trainer: Trainer) -> None:
@@ -264,6 +265,7 @@ class VarianceCallback(Callback):
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=VARIANCE_COLUMNS).writerows(rows)
         self.measured_steps.append(trainer.step)
+        self.rows += rows
         return rows
 
     def on_row(self, trainer: Trainer, row: dict) -> None:
@@ -312,7 +314,8 @@ def plot_variance(table, title: str = ""):
     correlation to the gradient-norm distribution, tau (estimated vs measured). Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    axes = axes.ravel()
     by_score = {name: g.sort_values("step") for name, g in table.groupby("score")}
     panels = [("variance_reduction", "variance reduction  1 - TrCov_q / TrCov_uniform", DISTRIBUTIONS),
               ("tv_distance", "TV distance to the gradient-norm distribution",

@@ -1,0 +1,95 @@
+"""What each sampler does to the gradient's variance over a training run (PAPER.md, "Variance
+reduction, measured exactly"): a tidy table, a figure and a summary.
+
+    # train a run with the measurement on (train.py overrides after the run dir), then report
+    python scripts/variance_reduction.py --train outputs/vr_mlp dataset=fashion_mnist model=mlp \\
+        trainer.time_budget=75 trainer.eval_every_seconds=5
+    # report on a run that measured already (variance.every_rows > 0)
+    python scripts/variance_reduction.py outputs/vr_mlp
+    # ... and copy its variance.csv, metrics.csv and figure as reference results
+    python scripts/variance_reduction.py outputs/vr_mlp --results results/variance_reduction/fashion_mnist_mlp
+
+Writes ``<run dir>/variance_reduction.png`` and prints, per score, the median over measurement
+points of the variance reduction, measured and estimated tau, and distances to the gradient-norm
+distribution, and how often the paper's orderings hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # runs without `pip install -e .` too
+
+from importance_sampling.variance import (  # noqa: E402
+    ordering_holds,
+    plot_variance,
+    read_variance,
+    summarize,
+)
+
+
+def train(run_dir: Path, every_rows: int, overrides: list[str]) -> None:
+    """train.py with the measurement callback on, into ``run_dir`` (a normal run directory)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), f"variance.every_rows={every_rows}",
+           *overrides, f"hydra.run.dir={run_dir}"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def report(run_dir: Path, results: Path | None = None) -> str:
+    """Figure in the run dir, summary as text; copies the small files to ``results`` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = read_variance(run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    title = f"{run_dir.name}: exact Tr Cov of the weighted minibatch gradient on a fixed presample"
+    fig = plot_variance(table, title)
+    fig.savefig(run_dir / "variance_reduction.png", dpi=110)
+    holds = ordering_holds(table)
+    text = "\n".join([
+        f"{run_dir}: {holds['points']} measurement points "
+        f"(B = {table.presample_size.iloc[0]}, b = {table.batch_size.iloc[0]})",
+        "median over measurement points (variance reduction = 1 - TrCov_q / TrCov_uniform):",
+        summarize(table).to_string(float_format=lambda v: f"{v:.4f}"),
+        f"gradient_norm >= upper_bound > loss > uniform in variance reduction at "
+        f"{100 * holds['variance']:.0f}% of the points; upper_bound closer than loss to the "
+        f"gradient-norm distribution (TV) at {100 * holds['distance']:.0f}%",
+    ])
+    if results is not None:
+        results.mkdir(parents=True, exist_ok=True)
+        for name in ("variance.csv", "metrics.csv", "variance_reduction.png"):
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, results / name)
+        if config.is_file():
+            shutil.copy(config, results / "config.yaml")
+        (results / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run directory (with --train: where to train)")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides (with --train)")
+    parser.add_argument("--train", action="store_true", help="train a run with measurements first")
+    parser.add_argument("--every-rows", type=int, default=1,
+                        help="with --train: measure every this many metrics rows (default 1)")
+    parser.add_argument("--results", type=Path, help="copy the tidy table, metrics and figure here")
+    args = parser.parse_intermixed_args()
+    if args.train:
+        train(args.run_dir.resolve(), args.every_rows, args.overrides)
+    elif args.overrides:
+        parser.error("overrides are for --train")
+    if not (args.run_dir / "variance.csv").is_file():
+        parser.error(f"{args.run_dir}/variance.csv not found: train with variance.every_rows > 0 "
+                     "(or use --train)")
+    print(report(args.run_dir, args.results))
+
+
+if __name__ == "__main__":
+    main()
