@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = (
+IDX_FILES = (  # MNIST and Fashion-MNIST, as torchvision keeps them in <root>/<Name>/raw
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
@@ -36,6 +37,8 @@ class TensorDataset:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    # Random training-time augmentation of a batch on its device: (x, generator) -> x.
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -86,11 +89,11 @@ def digits(test_fraction: float = 0.2, seed: int = 0, train_size: int | None = N
 
 def _install_debian_files(debian_dir: Path, raw: Path) -> bool:
     """Decompress Debian's dataset-fashion-mnist .gz files into torchvision's raw folder."""
-    sources = [debian_dir / f"{name}.gz" for name in FASHION_MNIST_FILES]
+    sources = [debian_dir / f"{name}.gz" for name in IDX_FILES]
     if not all(s.is_file() for s in sources):
         return False
     raw.mkdir(parents=True, exist_ok=True)
-    for src, name in zip(sources, FASHION_MNIST_FILES, strict=True):
+    for src, name in zip(sources, IDX_FILES, strict=True):
         tmp = raw / f".{name}.tmp"
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
@@ -113,7 +116,7 @@ def fashion_mnist(
 
     root = Path(data_dir).expanduser()
     raw = root / "FashionMNIST" / "raw"
-    if not all((raw / name).is_file() for name in FASHION_MNIST_FILES):
+    if not all((raw / name).is_file() for name in IDX_FILES):
         if not _install_debian_files(Path(debian_dir), raw) and not download:
             raise DataError(
                 f"Fashion-MNIST is not in {raw}. Get it with one of:\n"
@@ -133,3 +136,212 @@ def fashion_mnist(
     )
     train_x, train_y = _limit(train_x, train.targets.long(), train_size)
     return TensorDataset("fashion_mnist", train_x, train_y, test_x, test.targets.long(), 10)
+
+
+# ------------------------------------------------------------------ the paper's datasets
+class RandomCropFlip:
+    """The paper's CIFAR augmentation, done on a whole batch on its device: a random crop of the
+    image zero-padded by ``padding`` pixels (zero is the mean after normalisation) and a random
+    horizontal flip. Called as ``augment(x (n, C, H, W), generator) -> (n, C, H, W)``."""
+
+    def __init__(self, padding: int = 4, flip: bool = True):
+        self.padding, self.flip = padding, flip
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        n, _, h, w = x.shape
+        p = self.padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator, device=x.device)
+        dx = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator, device=x.device)
+        rows = dy + torch.arange(h, device=x.device)[None, :, None]  # (n, h, 1)
+        cols = dx + torch.arange(w, device=x.device)[None, None, :]  # (n, 1, w)
+        out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]  # (n, h, w, C)
+        out = out.permute(0, 3, 1, 2)
+        if self.flip:
+            flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+            out = torch.where(flip[:, None, None, None], out.flip(3), out)
+        return out.contiguous()
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
+
+
+def _standardise_channels(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean/std of the training set applied to both splits, (n, C, H, W)."""
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True)
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
+def _make(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
+          train_size: int | None, test_size: int | None, augment=None) -> TensorDataset:
+    (train_x, train_y), (test_x, test_y) = _limit(*train, train_size), _limit(*test, test_size)
+    return TensorDataset(name, train_x, train_y, test_x, test_y, num_classes, augment)
+
+
+def _missing(name: str, where: Path, dataset: str) -> DataError:
+    return DataError(f"{name} is not in {where}. Download it (needs internet) with:\n"
+                     f"  python train.py dataset={dataset} dataset.download=true\n"
+                     f"or set data_dir (or IS_DATA_DIR) to a directory that holds it.")
+
+
+def mnist(data_dir: str | Path, download: bool = False, train_size: int | None = None,
+          test_size: int | None = None) -> TensorDataset:
+    """MNIST (60k/10k 28x28 digits) through torchvision's MNIST, from ``data_dir/MNIST/raw``."""
+    from torchvision.datasets import MNIST
+
+    root = Path(data_dir).expanduser()
+    raw = root / "MNIST" / "raw"
+    if not download and not all((raw / n).is_file() for n in IDX_FILES):
+        raise _missing("MNIST", raw, "mnist")
+    try:
+        train, test = MNIST(root, train=True, download=download), MNIST(root, train=False, download=download)
+    except (RuntimeError, ValueError, AssertionError, OSError) as e:
+        raise DataError(f"could not read MNIST from {raw} ({type(e).__name__}: {e}). The files may "
+                        f"be truncated or corrupt: delete {raw} and download again.") from e
+    train_x, test_x = _standardise(train.data.float().unsqueeze(1) / 255, test.data.float().unsqueeze(1) / 255)
+    return _make("mnist", (train_x, train.targets.long()), (test_x, test.targets.long()), 10,
+                 train_size, test_size)
+
+
+def pixel_mnist(data_dir: str | Path, download: bool = False, permute: bool = False,
+                permutation_seed: int = 0, downsample: int = 1, train_size: int | None = None,
+                test_size: int | None = None) -> TensorDataset:
+    """MNIST as pixel sequences for recurrent models: inputs (n, L, 1) with L = (28/downsample)^2
+    (784 pixels by default), optionally in a fixed random order (permuted pixel MNIST)."""
+    data = mnist(data_dir, download, train_size, test_size)
+
+    def to_sequence(x: Tensor) -> Tensor:
+        if downsample > 1:
+            x = torch.nn.functional.avg_pool2d(x, downsample)
+        return x.flatten(1).unsqueeze(2)
+
+    train_x, test_x = to_sequence(data.train_x), to_sequence(data.test_x)
+    if permute:
+        order = torch.randperm(train_x.shape[1], generator=torch.Generator().manual_seed(permutation_seed))
+        train_x, test_x = train_x[:, order], test_x[:, order]
+    name = "permuted_pixel_mnist" if permute else "pixel_mnist"
+    return TensorDataset(name, train_x, data.train_y, test_x, data.test_y, 10)
+
+
+def _read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
+    import pickle
+
+    xs, ys = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        xs.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        ys.append(torch.as_tensor(batch[label_key], dtype=torch.int64))
+    return torch.cat(xs).float() / 255, torch.cat(ys)
+
+
+def _cifar(num_classes: int, data_dir: str | Path, download: bool, train_size: int | None,
+           test_size: int | None, augment: bool) -> TensorDataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, folder_name, train_files, test_files, label_key = {
+        10: (CIFAR10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+        100: (CIFAR100, "cifar-100-python", ["train"], ["test"], b"fine_labels"),
+    }[num_classes]
+    root = Path(data_dir).expanduser()
+    folder = root / folder_name
+    name = f"cifar{num_classes}"
+    if not all((folder / f).is_file() for f in train_files + test_files):
+        if not download:
+            raise _missing(f"CIFAR-{num_classes}", folder, name)
+        cls(root, train=True, download=True)  # torchvision downloads and checks the archive
+    try:
+        train = _read_cifar_batches(folder, train_files, label_key)
+        test = _read_cifar_batches(folder, test_files, label_key)
+    except Exception as e:  # pickle raises many types on a truncated file
+        raise DataError(f"could not read CIFAR-{num_classes} from {folder} ({type(e).__name__}: {e}). "
+                        f"The files may be truncated or corrupt: delete {folder} and download again.") from e
+    train_x, test_x = _standardise_channels(train[0], test[0])
+    return _make(name, (train_x, train[1]), (test_x, test[1]), num_classes, train_size, test_size,
+                 RandomCropFlip(4) if augment else None)
+
+
+def cifar10(data_dir: str | Path, download: bool = False, train_size: int | None = None,
+            test_size: int | None = None, augment: bool = True) -> TensorDataset:
+    """CIFAR-10 (50k/10k 32x32 colour images) from torchvision's python pickles in
+    ``data_dir/cifar-10-batches-py``; ``augment``: random crop (padding 4) and flip."""
+    return _cifar(10, data_dir, download, train_size, test_size, augment)
+
+
+def cifar100(data_dir: str | Path, download: bool = False, train_size: int | None = None,
+             test_size: int | None = None, augment: bool = True) -> TensorDataset:
+    """CIFAR-100 (fine labels) from ``data_dir/cifar-100-python``; as ``cifar10``."""
+    return _cifar(100, data_dir, download, train_size, test_size, augment)
+
+
+def svhn(data_dir: str | Path, download: bool = False, train_size: int | None = None,
+         test_size: int | None = None) -> TensorDataset:
+    """SVHN (73,257/26,032 32x32 house-number digits) from torchvision's .mat files in
+    ``data_dir/svhn`` (label 10 in the files is the digit 0)."""
+    from scipy.io import loadmat
+    from torchvision.datasets import SVHN
+
+    folder = Path(data_dir).expanduser() / "svhn"
+    files = {"train": folder / "train_32x32.mat", "test": folder / "test_32x32.mat"}
+    if not all(f.is_file() for f in files.values()):
+        if not download:
+            raise _missing("SVHN", folder, "svhn")
+        for split in files:
+            SVHN(folder, split=split, download=True)
+    splits = {}
+    for split, path in files.items():
+        try:
+            mat = loadmat(path)
+        except Exception as e:
+            raise DataError(f"could not read {path} ({type(e).__name__}: {e}). The file may be "
+                            f"truncated or corrupt: delete it and download again.") from e
+        x = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1).float() / 255  # (32, 32, 3, n) -> (n, 3, 32, 32)
+        splits[split] = (x, torch.as_tensor(mat["y"].reshape(-1).astype("int64")) % 10)
+    train_x, test_x = _standardise_channels(splits["train"][0], splits["test"][0])
+    return _make("svhn", (train_x, splits["train"][1]), (test_x, splits["test"][1]), 10,
+                 train_size, test_size)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image_folder(root: str | Path, test_root: str | Path | None = None, image_size: int = 224,
+                 test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None,
+                 test_size: int | None = None, augment: bool = True) -> TensorDataset:
+    """Any folder of class sub-folders (``root/<class>/<image>``), e.g. MIT67 indoor scenes, loaded
+    once into memory at ``image_size`` (resize + centre crop) with ImageNet normalisation (for
+    pretrained networks). Test split: ``test_root`` with the same classes, or a stratified
+    ``test_fraction`` of ``root``. Memory: n x 3 x image_size^2 floats."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist: set dataset.root to a folder of "
+                        f"class sub-folders (root/<class>/<image>)")
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def load(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+        try:
+            ds = ImageFolder(folder, transform=tf)
+            if classes is not None and ds.classes != classes:
+                raise DataError(f"{folder} has classes {ds.classes[:5]}..., unlike {root}")
+            xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"could not read images from {folder}: {e}") from e
+        return torch.stack(xs), torch.tensor(ys), ds.classes
+
+    x, y, classes = load(root)
+    if test_root is not None:
+        test_x, test_y, _ = load(Path(test_root).expanduser(), classes)
+        train_x, train_y = x, y
+    else:
+        from sklearn.model_selection import train_test_split
+
+        train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=test_fraction,
+                                               random_state=seed, stratify=y.numpy())
+        train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    return _make(root.name, (train_x, train_y), (test_x, test_y), len(classes), train_size, test_size,
+                 RandomCropFlip(image_size // 8) if augment else None)

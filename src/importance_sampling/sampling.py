@@ -13,6 +13,7 @@ indices and weights of the next step, ``observe()`` sees the step's forward pass
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,11 +137,22 @@ class IndexStream:
 @dataclass
 class Batch:
     """What one training step uses: dataset indices (b,), loss weights (b,) or None for all-ones,
-    and whether it came from importance sampling."""
+    whether it came from importance sampling, and the inputs (b, ...) when the sampler already
+    fetched them (an augmented presample is scored and trained on as the same views)."""
 
     indices: Tensor
     weights: Tensor | None = None
     importance: bool = False
+    inputs: Tensor | None = None
+
+
+Inputs = Tensor | Callable[[Tensor], Tensor]
+
+
+def fetch(inputs: Inputs, indices: Tensor) -> Tensor:
+    """``inputs[indices]`` for a tensor; ``inputs(indices)`` for a fetch function (which may, for
+    instance, gather and augment on the device)."""
+    return inputs(indices) if callable(inputs) else inputs[indices]
 
 
 class Sampler:
@@ -169,8 +181,9 @@ class Sampler:
     def tau(self) -> float:
         return float("nan")  # no variance estimate
 
-    def sample(self, model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Batch:
-        """Indices and weights of the next step (``inputs``/``targets``: the whole training set)."""
+    def sample(self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> Batch:
+        """Indices and weights of the next step. ``inputs``: the training inputs, as a tensor or
+        as a function from indices to inputs; ``targets``: all training targets."""
         return Batch(self.stream.take(self.batch_size))
 
     def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
@@ -185,9 +198,13 @@ class Sampler:
 
 
 class UniformSampler(Sampler):
-    """Plain SGD minibatches of ``batch_size`` points (p_i = 1/N, w_i = 1)."""
+    """Plain SGD minibatches of ``batch_size`` points (p_i = 1/N, w_i = 1). ``presample_size`` is
+    accepted and unused, so that one experiment preset can set B for every sampler."""
 
     name = "uniform"
+
+    def __init__(self, batch_size: int = 128, presample_size: int | None = None):
+        super().__init__(batch_size)
 
 
 class ImportanceSampler(Sampler):
@@ -269,18 +286,19 @@ class ImportanceSampler(Sampler):
         fn = loss_scores if self.score == "loss" else upper_bound_scores
         return fn(logits, targets, loss_fn)
 
-    def sample(self, model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Batch:
+    def sample(self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> Batch:
         if not self.switch.on:
             return Batch(self.stream.take(self.batch_size))
         presample = self.stream.take(self.presample_size)
-        scores = self.scores(model, inputs[presample], targets[presample], loss_fn)
+        x = fetch(inputs, presample)
+        scores = self.scores(model, x, targets[presample], loss_fn)
         self.scored += len(presample)
         probs = importance_probabilities(scores, self.smoothing)
         self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
         if scores.max() == scores.min():  # all zero or all equal: the step is a uniform one
             self.fallbacks += 1
         positions, weights = resample(probs, self.batch_size, self.generator)
-        return Batch(presample[positions], weights, importance=True)
+        return Batch(presample[positions], weights, importance=True, inputs=x[positions])
 
     def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
                 logits: Tensor, loss_fn: LossFn) -> None:

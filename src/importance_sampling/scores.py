@@ -65,6 +65,7 @@ def _per_sample_gradient_chunks(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, chunk_size: int
 ) -> Iterator[dict[str, Tensor]]:
     """Yield per-sample gradients, {param name: (chunk, *param.shape)}, chunk by chunk."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the original
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 

@@ -46,6 +46,19 @@ METRICS_COLUMNS = (
 )
 
 
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def lr_factor(schedule: str, progress: float, milestones: Sequence[float] = (0.5, 0.8),
+              gamma: float = 0.2) -> float:
+    """Multiplier of the base learning rate at ``progress`` in [0, 1] of the budget."""
+    if schedule == "step":
+        return gamma ** sum(progress >= m for m in milestones)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 class Callback:
     """Hook into a run without touching the loop: logging, measurements, checkpoints.
     Both methods are called outside the timed steps (their cost is not train_time)."""
@@ -128,6 +141,14 @@ class Trainer:
             ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: only
             when the run fails, as the last good state).
         resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        lr_schedule: ``constant``, ``step`` (times ``lr_gamma`` at each of ``lr_milestones``) or
+            ``cosine``, over the run's progress: the largest fraction used of the time, step or
+            epoch budget (so milestones are fractions, e.g. 0.5 and 0.8).
+        channels_last: NHWC memory format for 4-d inputs ("auto": on CUDA only).
+        compile: torch.compile the model.
+        check_finite: ``step`` checks the loss at every step (the model then stays the last good
+            state; one host synchronisation per step), ``row`` at each metrics row; ``auto``:
+            step on the CPU, row on CUDA.
         callbacks: ``Callback`` objects told of every metrics row and of the end of the run.
     """
 
@@ -153,6 +174,12 @@ class Trainer:
         checkpoint_every: float | None = None,
         checkpoint_unit: str = "seconds",
         resume: bool = False,
+        lr_schedule: str = "constant",
+        lr_milestones: Sequence[float] = (0.5, 0.8),
+        lr_gamma: float = 0.2,
+        channels_last: bool | str = "auto",
+        compile: bool = False,
+        check_finite: str = "auto",
         callbacks: Sequence[Callback] = (),
     ):
         for name, value in [("time_budget", time_budget), ("max_steps", max_steps),
@@ -168,6 +195,13 @@ class Trainer:
             raise ValueError(f"trainer.checkpoint_unit must be seconds or steps, got {checkpoint_unit!r}")
         if amp not in ("auto", True, False):
             raise ValueError(f"trainer.amp must be auto, true or false, got {amp!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if not all(0 < m < 1 for m in lr_milestones) or not 0 < lr_gamma <= 1:
+            raise ValueError("trainer.lr_milestones must be fractions in (0, 1) of the budget and "
+                             f"trainer.lr_gamma in (0, 1], got {list(lr_milestones)} and {lr_gamma}")
+        if check_finite not in ("auto", "step", "row"):
+            raise ValueError(f"trainer.check_finite must be auto, step or row, got {check_finite!r}")
         self.device = torch.device(device)
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.data = data.to(self.device)
@@ -177,6 +211,18 @@ class Trainer:
         self.eval_batch_size, self.progress = eval_batch_size, progress
         self.checkpoint_every, self.checkpoint_unit, self.resume = checkpoint_every, checkpoint_unit, resume
         self.callbacks = list(callbacks)
+        self.lr_schedule, self.lr_milestones, self.lr_gamma = lr_schedule, tuple(lr_milestones), lr_gamma
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        on_cuda = self.device.type == "cuda"
+        self.check_finite_every_step = check_finite == "step" or (check_finite == "auto" and not on_cuda)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        if (channels_last == "auto" and on_cuda) or channels_last is True:
+            self.model.to(memory_format=torch.channels_last)
+            if self.data.train_x.dim() == 4:
+                self.data.train_x = self.data.train_x.contiguous(memory_format=torch.channels_last)
+                self.data.test_x = self.data.test_x.contiguous(memory_format=torch.channels_last)
+        # the compiled module shares its parameters with model; state_dicts use the original
+        self.forward = torch.compile(model) if compile else model
         use_amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
@@ -194,20 +240,28 @@ class Trainer:
         self.rows: list[dict] = []
 
     # ---------------------------------------------------------------- the step
+    def fetch(self, indices: Tensor) -> Tensor:
+        """Training inputs at ``indices``, augmented on the device when the dataset asks for it."""
+        x = self.data.train_x[indices]
+        return x if self.data.augment is None else self.data.augment(x, self.generator)
+
     def train_step(self) -> tuple[Tensor, bool]:
         """One SGD step; returns (the weighted loss, whether importance sampling chose the batch)."""
-        x_all, y_all = self.data.train_x, self.data.train_y
         with self.autocast():
-            batch = self.sampler.sample(self.model, x_all, y_all, self.loss_fn)
-            x, y = x_all[batch.indices], y_all[batch.indices]
-            logits = self.model(x)
+            batch = self.sampler.sample(self.forward, self.fetch, self.data.train_y, self.loss_fn)
+            x = self.fetch(batch.indices) if batch.inputs is None else batch.inputs
+            y = self.data.train_y[batch.indices]
+            logits = self.forward(x)
             losses = self.loss_fn(logits, y)
             loss = losses.mean() if batch.weights is None else (batch.weights * losses).mean()
-        if not torch.isfinite(loss):  # before the update: the model is still the last good state
-            raise TrainingError(f"the training loss is {loss.item()} at step {self.step + 1}: the "
-                                "run diverged (lower the learning rate?)")
+        if self.check_finite_every_step:
+            if not torch.isfinite(loss):  # before the update: the model is the last good state
+                raise TrainingError(f"the training loss is {loss.item()} at step {self.step + 1}: "
+                                    "the run diverged (lower the learning rate?)")
+        else:  # no host synchronisation: checked at the next metrics row
+            self._finite &= torch.isfinite(loss)
         with self.autocast():
-            self.sampler.observe(batch, self.model, x, y, logits.detach(), self.loss_fn)
+            self.sampler.observe(batch, self.forward, x, y, logits.detach(), self.loss_fn)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -239,10 +293,15 @@ class Trainer:
             while True:
                 elapsed = self.train_time + time.perf_counter() - interval_start
                 done = self._budget_spent(elapsed)
+                self._set_lr(self._progress(elapsed))
                 if done or self._row_due(elapsed):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()  # count queued GPU work in this interval
                     self.train_time += time.perf_counter() - interval_start
+                    if not self.check_finite_every_step and not self._finite.item():
+                        raise TrainingError(f"the training loss was not finite between step "
+                                            f"{self.rows[-1]['step']} and step {self.step}: the run "
+                                            "diverged (lower the learning rate?)")
                     if self.steps_since_row or not done:
                         row = self._log_row()
                         self._update_bar(bar, row)
@@ -273,6 +332,24 @@ class Trainer:
             or (self.max_steps is not None and self.step >= self.max_steps)
             or (self.max_epochs is not None and self.samples >= self.max_epochs * len(self.data.train_x))
         )
+
+    def _progress(self, elapsed: float) -> float:
+        """Fraction of the budget used: the largest of the time, step and epoch fractions."""
+        fractions = [0.0]
+        if self.time_budget is not None:
+            fractions.append(elapsed / self.time_budget)
+        if self.max_steps is not None:
+            fractions.append(self.step / self.max_steps)
+        if self.max_epochs is not None:
+            fractions.append(self.samples / (self.max_epochs * len(self.data.train_x)))
+        return min(max(fractions), 1.0)
+
+    def _set_lr(self, progress: float) -> None:
+        if self.lr_schedule == "constant":
+            return
+        factor = lr_factor(self.lr_schedule, progress, self.lr_milestones, self.lr_gamma)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def _row_due(self, elapsed: float) -> bool:
         last = self.rows[-1]
