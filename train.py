@@ -63,16 +63,38 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
     return callbacks
 
 
+def check_model_output(model: torch.nn.Module, data, device: torch.device) -> None:
+    """The sampler needs logits of shape (n, num_classes): check once before training."""
+    with torch.no_grad():
+        out = model(data.train_x[:2].to(device))
+    if tuple(out.shape) != (2, data.num_classes):
+        raise ConfigError(f"model: output shape {tuple(out.shape)} for 2 inputs does not match the "
+                          f"dataset's {data.num_classes} classes (expected (2, {data.num_classes}))")
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Build everything from ``cfg``, train, and return the summary (also in out_dir)."""
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    if cfg.threads is not None:
+        if not isinstance(cfg.threads, int) or cfg.threads < 1:
+            raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+        torch.set_num_threads(cfg.threads)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"device: {e}") from None
+    sampler = build(cfg.sampler, "sampler")  # cheap: its option errors come first
     data = build(cfg.dataset, "dataset")
     model = build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes)
-    optimizer = build(cfg.optimizer, "optimizer")(model.to(device).parameters())
-    sampler = build(cfg.sampler, "sampler")
+    check_model_output(model.to(device), data, device)
+    try:
+        optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer: {e}") from None
+    if not all(group["lr"] > 0 for group in optimizer.param_groups):
+        raise ConfigError(f"optimizer.lr must be > 0, got {optimizer.param_groups[0]['lr']}")
     log.info("%r | %s | %d parameters | %s", data, type(model).__name__,
              sum(p.numel() for p in model.parameters()), device)
     try:
@@ -94,7 +116,8 @@ def format_summary(s: dict, out_dir: str | Path) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"),
+            config_name="config")
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     try:
