@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs without `pip install -e .` too
 
 from importance_sampling.variance import (  # noqa: E402
+    ordering_by_step,
     ordering_holds,
     plot_variance,
     read_variance,
@@ -50,16 +51,18 @@ def report(run_dir: Path, results: Path | None = None) -> str:
     config = run_dir / ".hydra" / "config.yaml"
     title = f"{run_dir.name}: exact Tr Cov of the weighted minibatch gradient on a fixed presample"
     fig = plot_variance(table, title)
-    fig.savefig(run_dir / "variance_reduction.png", dpi=110)
-    holds = ordering_holds(table)
+    fig.savefig(run_dir / "variance_reduction.png", dpi=90)
+    holds, by_step = ordering_holds(table), ordering_by_step(table)
     text = "\n".join([
-        f"{run_dir}: {holds['points']} measurement points "
+        f"{run_dir.name}: {holds['points']} measurement points "
         f"(B = {table.presample_size.iloc[0]}, b = {table.batch_size.iloc[0]})",
         "median over measurement points (variance reduction = 1 - TrCov_q / TrCov_uniform):",
         summarize(table).to_string(float_format=lambda v: f"{v:.4f}"),
         f"gradient_norm >= upper_bound > loss > uniform in variance reduction at "
         f"{100 * holds['variance']:.0f}% of the points; upper_bound closer than loss to the "
         f"gradient-norm distribution (TV) at {100 * holds['distance']:.0f}%",
+        f"steps where the variance ordering fails: {list(by_step.index[~by_step.variance])}; "
+        f"where the distance ordering fails: {list(by_step.index[~by_step.distance])}",
     ])
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
