@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from importance_sampling.data import DataError  # noqa: E402
+from importance_sampling.data import DataError, TensorDataset  # noqa: E402
 from importance_sampling.trainer import Callback, Trainer, TrainingError, resolve_device  # noqa: E402
 from importance_sampling.variance import VarianceCallback  # noqa: E402
 
@@ -72,8 +72,9 @@ def check_model_output(model: torch.nn.Module, data, device: torch.device) -> No
                           f"dataset's {data.num_classes} classes (expected (2, {data.num_classes}))")
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Build everything from ``cfg``, train, and return the summary (also in out_dir)."""
+def build_trainer(cfg: DictConfig, out_dir: str | Path, data: TensorDataset | None = None) -> Trainer:
+    """Everything a run needs, built and checked from ``cfg`` (``data``: use these tensors
+    instead of building cfg.dataset, e.g. synthetic data in a benchmark)."""
     if cfg.threads is not None:
         if not isinstance(cfg.threads, int) or cfg.threads < 1:
             raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
@@ -86,7 +87,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"device: {e}") from None
     sampler = build(cfg.sampler, "sampler")  # cheap: its option errors come first
-    data = build(cfg.dataset, "dataset")
+    data = data or build(cfg.dataset, "dataset")
     model = build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes)
     check_model_output(model.to(device), data, device)
     try:
@@ -98,11 +99,15 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     log.info("%r | %s | %d parameters | %s", data, type(model).__name__,
              sum(p.numel() for p in model.parameters()), device)
     try:
-        trainer = Trainer(model, optimizer, sampler, data, out_dir, device=device, seed=cfg.seed,
-                          callbacks=make_callbacks(cfg, out_dir), **cfg.trainer)
+        return Trainer(model, optimizer, sampler, data, out_dir, device=device, seed=cfg.seed,
+                       callbacks=make_callbacks(cfg, out_dir), **cfg.trainer)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"trainer: {e}") from None
-    summary = trainer.fit()
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Build everything from ``cfg``, train, and return the summary (also in out_dir)."""
+    summary = build_trainer(cfg, out_dir).fit()
     print(format_summary(summary, out_dir))
     return summary
 

@@ -196,3 +196,17 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(preset, sampler, da
     if sampler != "uniform":
         assert summary["importance_steps"] >= 2  # tau from the first uniform step switches it on
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_benchmark_script_prints_the_three_timings(tmp_path):
+    """Smoke test only: the speed target itself is read off the script's output, not asserted."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--presets",
+                           "pixel_mnist_lstm", "--reps", "2", "--out", str(out), "threads=1"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "IS_DATA_DIR": str(tmp_path / "none")})
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "| pixel_mnist_lstm | synthetic_pixel_mnist | 32 | 96 |" in out.read_text()

@@ -13,6 +13,7 @@ indices and weights of the next step, ``observe()`` sees the step's forward pass
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -37,12 +38,12 @@ def importance_probabilities(scores: Tensor, smoothing: float = 0.0) -> Tensor:
     uniform distribution (every weight is then 1). Non-finite or negative scores raise.
     """
     scores = scores.float() + smoothing
-    if not torch.isfinite(scores).all():
+    total, lowest = (float(v) for v in torch.stack([scores.sum(), scores.min()]).tolist())  # one sync
+    if not math.isfinite(total):
         bad = (~torch.isfinite(scores)).sum().item()
         raise NonFiniteScoresError(f"{bad} of {len(scores)} importance scores are NaN or infinite")
-    if (scores < 0).any():
+    if lowest < 0:
         raise ValueError("importance scores must be non-negative")
-    total = scores.sum()
     if total <= 0:
         return torch.full_like(scores, 1.0 / len(scores))
     return scores / total
@@ -294,8 +295,9 @@ class ImportanceSampler(Sampler):
         scores = self.scores(model, x, targets[presample], loss_fn)
         self.scored += len(presample)
         probs = importance_probabilities(scores, self.smoothing)
-        self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
-        if scores.max() == scores.min():  # all zero or all equal: the step is a uniform one
+        tau_hat = float(equivalent_batch_increment(probs, self.tau_kind))
+        self.switch.update(tau_hat)
+        if tau_hat <= 1 + 1e-6:  # all scores equal (or all zero): this is a uniform step
             self.fallbacks += 1
         positions, weights = resample(probs, self.batch_size, self.generator)
         return Batch(presample[positions], weights, importance=True, inputs=x[positions])

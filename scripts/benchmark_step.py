@@ -1,0 +1,159 @@
+"""Does the sampler add anything beyond the extra forward pass the algorithm needs?
+
+For each experiment preset, times side by side in one process (interleaved, median of many):
+  uniform   one uniform SGD step on b points;
+  score     a bare scoring forward over B points (no autograd; the upper-bound score);
+  is_step   one importance-sampling step (presample B, score, resample b, weighted SGD step).
+and checks is_step <= 1.10 x (uniform + score).
+
+    python scripts/benchmark_step.py                      # every preset at CPU scale (scale=cpu)
+    python scripts/benchmark_step.py --scale gpu          # the paper's scale (on a GPU)
+    python scripts/benchmark_step.py --presets cifar10_wrn --reps 50
+
+Datasets that are not on disk are replaced by random tensors of the same shape (``--synthetic``,
+on by default): the timings depend on shapes only. Writes a markdown table (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from importance_sampling.data import DataError, TensorDataset  # noqa: E402
+from importance_sampling.sampling import ImportanceSampler, UniformSampler  # noqa: E402
+
+PRESETS = ["fashion_mnist_mlp", "cifar10_wrn", "cifar100_wrn", "finetune_resnet", "pixel_mnist_lstm"]
+
+
+def compose(preset: str, scale: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", [f"experiment={preset}", f"scale={scale}",
+                                        "sampler=upper_bound", "trainer.progress=false", *overrides])
+
+
+def synthetic_like(cfg) -> TensorDataset:
+    """Random tensors with the shape the preset's dataset would have."""
+    d = cfg.dataset
+    target = d._target_.rsplit(".", 1)[-1]
+    if target == "pixel_mnist":
+        shape, classes = ((28 // d.downsample) ** 2, 1), 10
+    elif target == "image_folder":
+        shape, classes = (3, d.image_size, d.image_size), 67
+    elif target in ("cifar10", "cifar100", "svhn"):
+        shape, classes = (3, 32, 32), 100 if target == "cifar100" else 10
+    else:
+        shape, classes = (1, 28, 28), 10
+    n = d.get("train_size") or 50_000
+    n_test = d.get("test_size") or 1000
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(f"synthetic_{target}", torch.randn(n, *shape, generator=g),
+                         torch.randint(0, classes, (n,), generator=g), torch.randn(n_test, *shape, generator=g),
+                         torch.randint(0, classes, (n_test,), generator=g), classes)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: list[str]) -> dict:
+    cfg = compose(preset, scale, overrides)
+    data = None
+    try:
+        data = train.build(cfg.dataset, "dataset")
+    except DataError:
+        if not synthetic:
+            raise
+        data = synthetic_like(cfg)
+    out = tempfile.mkdtemp()
+    trainer = train.build_trainer(cfg, out, data=data)
+    b, B = trainer.sampler.batch_size, trainer.sampler.presample_size
+    importance = trainer.sampler
+    importance.switch.tau = float("inf")  # always on
+    uniform = UniformSampler(b)
+    uniform.setup(len(trainer.data.train_x), trainer.generator, trainer.device)
+    assert isinstance(importance, ImportanceSampler)
+
+    def uniform_step():
+        trainer.sampler = uniform
+        trainer.train_step()
+
+    def is_step():
+        trainer.sampler = importance
+        trainer.train_step()
+
+    def score():
+        idx = importance.stream.take(B)
+        with trainer.autocast():
+            importance.scores(trainer.forward, trainer.fetch(idx), trainer.data.train_y[idx], trainer.loss_fn)
+
+    trainer.model.train()
+    for fn in (uniform_step, score, is_step):  # warm-up (allocator, kernels, compile)
+        for _ in range(3):
+            fn()
+    times = {"uniform": [], "score": [], "is_step": []}
+    for _ in range(reps):  # interleaved, so drifts of the machine hit all three alike
+        times["uniform"].append(timed(uniform_step, trainer.device))
+        times["score"].append(timed(score, trainer.device))
+        times["is_step"].append(timed(is_step, trainer.device))
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    ratio = med["is_step"] / (med["uniform"] + med["score"])
+    return {"preset": preset, "data": data.name, "b": b, "B": B, **med, "ratio": ratio,
+            "ok": ratio <= 1.10, "device": str(trainer.device)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions of each measurement")
+    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
+                        help="fail when a dataset is missing instead of using random tensors")
+    parser.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 device=cuda")
+    args = parser.parse_args()
+
+    rows = []
+    header = "| preset | data | b | B | uniform step (ms) | scoring forward over B (ms) | importance step (ms) | IS / (uniform + score) |"
+    lines = [header, "|" + "---|" * 8]
+    print(header)
+    for preset in args.presets:
+        r = benchmark(preset, args.scale, args.reps, args.synthetic, args.overrides)
+        rows.append(r)
+        line = (f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | {r['score']:.2f} | "
+                f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} |")
+        lines.append(line)
+        print(line, flush=True)
+    device = rows[0]["device"] if rows else "?"
+    note = (f"\nscale={args.scale}, device={device}, torch threads={torch.get_num_threads()}, "
+            f"median of {args.reps} interleaved repetitions.")
+    print(note)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n" + note + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
