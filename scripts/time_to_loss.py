@@ -29,8 +29,10 @@ SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
 def sweep_command(experiment: str, samplers: list[str], seeds: list[int], jobs: int,
                   sweep_dir: Path, overrides: list[str]) -> list[str]:
     """The train.py multirun command line of the comparison."""
+    # seeds before samplers: Hydra runs the product in this order, so the samplers alternate in
+    # time and a change in the machine's load does not fall on one sampler only
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"experiment={experiment}",
-           f"sampler={','.join(samplers)}", f"seed={','.join(map(str, seeds))}",
+           f"seed={','.join(map(str, seeds))}", f"sampler={','.join(samplers)}",
            "trainer.progress=false", f"hydra.sweep.dir={sweep_dir}"]
     if jobs > 1:
         # parallel jobs share the cores: each gets its share of torch threads

@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tidy(curves: dict[tuple[str, int], tuple[list[float], list[float]]]) -> pd.DataFrame:
-    """A tidy frame from {(sampler, seed): (train_times, train_losses)}; test_error = loss / 10."""
+    """A tidy frame from {(sampler, seed): (train_times, train_losses)}; test_error = loss / 10,
+    epoch = step / 10."""
     rows = []
     for (sampler, seed), (times, losses) in curves.items():
         for step, (t, loss) in enumerate(zip(times, losses, strict=True)):
             rows.append({"run": f"{sampler}_seed{seed}", "sampler": sampler, "seed": seed,
-                         "step": step, "train_time": t, "train_loss": loss, "test_error": loss / 10})
+                         "step": step, "epoch": step / 10, "train_time": t, "train_loss": loss,
+                         "test_error": loss / 10})
     return pd.DataFrame(rows)
 
 
@@ -149,6 +151,11 @@ def test_equal_time_table_interpolates_every_run_at_the_same_train_time(sweep):
     assert table.loc["upper_bound", "test_error_median"] == pytest.approx(ub1 / 20)
     # loss seed 1 ended at t = 5 > 4: both seeds count; at t = 4: 0.0 and 2.0 - 1.4 * 4 / 5
     assert table.loc["loss", "train_loss_median"] == pytest.approx((2.0 - 1.4 * 4 / 5) / 2)
+    # how far each got: uniform seed 0 is at its step 2, seed 1 a third of the way from 1 to 2
+    assert table.loc["uniform", "epoch_median"] == pytest.approx((0.2 + 0.1 + 0.1 / 3) / 2)
+    text = analysis.equal_time_markdown(table.reset_index())
+    # epochs: 0.2 + 0.1 / 5 (seed 0) and 0.1 + 0.1 / 3 (seed 1)
+    assert "| upper_bound | 2 | 0.1833 [0.0000, 0.3667] | 0.27 | 1.83 [0.00, 3.67] | 0.27 | 0.18 |" in text
 
 
 def test_equal_time_defaults_to_the_end_of_the_shortest_run(sweep):

@@ -52,6 +52,8 @@ def sweep_definitions() -> list[Path]:
 
 @pytest.mark.parametrize("path", sweep_definitions(), ids=lambda p: p.stem)
 def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
     sweep = yaml.safe_load(path.read_text())
     assert sweep["program"] == "train.py" and (ROOT / sweep["program"]).is_file()
     # Hydra rejects --key=value: the agent must pass key=value
@@ -61,8 +63,12 @@ def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
     names = list(params)
     grid = [p["values"] if "values" in p else [p["value"]] for p in params.values()]
     for combo in itertools.product(*grid):
-        cfg = compose(*(f"{k}={v}" for k, v in zip(names, combo, strict=True)))
+        # the arguments exactly as the W&B agent formats them for ${args_no_hyphens}
+        args = create_sweep_command_args(
+            {"args": {k: {"value": v} for k, v in zip(names, combo, strict=True)}})["args_no_hyphens"]
+        cfg = compose(*args)
         assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode == "online"
+        assert cfg.seed == combo[names.index("seed")]
 
 
 # ---------------------------------------------------------------- W&B, real offline mode

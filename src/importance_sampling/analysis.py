@@ -236,10 +236,12 @@ def common_time(runs: pd.DataFrame) -> float:
 
 
 def equal_time_table(runs: pd.DataFrame, at: float | None = None, baseline: str = "uniform",
-                     metrics: Sequence[str] = ("train_loss", "test_error")) -> pd.DataFrame:
+                     metrics: Sequence[str] = ("train_loss", "test_error", "epoch")) -> pd.DataFrame:
     """Per sampler: the median, min and max over seeds of each metric at train_time ``at``
-    (default: ``common_time``), and the median relative to the baseline's median (1 = equal)."""
+    (default: ``common_time``), and the median relative to the baseline's median (1 = equal).
+    ``epoch`` (passes over the data so far) shows how much each sampler's steps cost."""
     at = common_time(runs) if at is None else at
+    metrics = [m for m in metrics if m in runs.columns]
     values = at_time(runs, at, metrics)
     out = []
     base = values[values["sampler"] == baseline]
@@ -391,9 +393,10 @@ def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
             f"{_fmt(100 * r['test_error_median'], '.2f')} [{_fmt(100 * r['test_error_min'], '.2f')}, "
             f"{_fmt(100 * r['test_error_max'], '.2f')}]",
             _fmt(r[f"test_error_vs_{baseline}"], ".2f"),
+            _fmt(r.get("epoch_median", math.nan), ".2f"),
         ])
     return markdown_table(["sampler", "seeds", "training loss", f"vs {baseline}",
-                           "test error (%)", f"vs {baseline}"], rows)
+                           "test error (%)", f"vs {baseline}", "epochs"], rows)
 
 
 def report(runs: pd.DataFrame, targets: Sequence[float] | None = None, at: float | None = None,
