@@ -14,6 +14,8 @@ indices and weights of the next step, ``observe()`` sees the step's forward pass
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -162,6 +164,7 @@ class Sampler:
     name = "sampler"
     scored = 0  # points scored by presample forwards so far
     fallbacks = 0  # importance steps whose scores were all equal or all zero (a uniform step)
+    progress = 0.0  # fraction of the run's budget used; the trainer sets it before every step
 
     def __init__(self, batch_size: int = 128):
         if batch_size < 1:
@@ -191,6 +194,10 @@ class Sampler:
                 logits: Tensor, loss_fn: LossFn) -> None:
         """See the step's forward pass (``inputs``, ``targets``, ``logits``: the batch's)."""
 
+    def metrics(self) -> dict[str, float]:
+        """Extra columns for metrics.csv (the same keys at every row of a run)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict()}
 
@@ -215,7 +222,11 @@ class ImportanceSampler(Sampler):
         score: ``loss``, ``upper_bound`` or ``gradient_norm`` (see scores.py).
         batch_size: b, points per SGD step.
         presample_size: B, points scored per importance step; None = 3 b (the official default).
-        tau_threshold: tau_th; None = (B + 3b) / (3b), the cost ratio of the two kinds of step.
+        tau_threshold: tau_th; None = (B + 3b) / (3b), the cost ratio of the two kinds of step
+            when a backward costs two forwards; ``auto`` = the *measured* cost ratio
+            (t_uniform_step + t_scoring_forward) / t_uniform_step, re-estimated during the run
+            (medians of the last ``AUTO_WINDOW`` timings; a timed scoring probe provides the first
+            scoring time). Logged as the ``tau_threshold``, ``cost_step_ms``, ``cost_score_ms`` columns.
         tau_momentum: a_tau of the moving average of tau_hat.
         tau_kind: ``variance`` (tau = B sum g^2, PAPER.md) or ``std`` (its square root, as in
             the official code); the default threshold is the same for both.
@@ -228,7 +239,7 @@ class ImportanceSampler(Sampler):
         score: str = "upper_bound",
         batch_size: int = 128,
         presample_size: int | None = None,
-        tau_threshold: float | None = None,
+        tau_threshold: float | str | None = None,
         tau_momentum: float = 0.9,
         tau_kind: TauKind = "variance",
         smoothing: float = 0.0,
@@ -244,9 +255,10 @@ class ImportanceSampler(Sampler):
                 f"sampler.presample_size (B={self.presample_size}) must be >= sampler.batch_size "
                 f"(b={self.batch_size})"
             )
-        if tau_threshold is None:
+        self.auto_threshold = tau_threshold == "auto"
+        if tau_threshold is None or self.auto_threshold:
             tau_threshold = default_tau_threshold(self.batch_size, self.presample_size)
-        if tau_threshold < 1:
+        if not isinstance(tau_threshold, int | float) or tau_threshold < 1:
             raise ValueError(
                 f"sampler.tau_threshold must be >= 1 (tau is 1 for uniform scores), got {tau_threshold}"
             )
@@ -260,6 +272,10 @@ class ImportanceSampler(Sampler):
         self.smoothing = float(smoothing)
         self.score_chunk_size = int(score_chunk_size)
         self.switch = VarianceReductionSwitch(tau_threshold, tau_momentum)
+        self.step_times: list[float] = []  # seconds between sample() calls of uniform steps (auto)
+        self.score_times: list[float] = []  # seconds of scoring forwards over B points (auto)
+        self._last_call: float | None = None
+        self._last_was_uniform = False
 
     @property
     def tau(self) -> float:
@@ -288,11 +304,17 @@ class ImportanceSampler(Sampler):
         return fn(logits, targets, loss_fn)
 
     def sample(self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> Batch:
+        if self.auto_threshold:
+            self._measure_costs(model, inputs, targets, loss_fn)
+        self._last_was_uniform = not self.switch.on
         if not self.switch.on:
             return Batch(self.stream.take(self.batch_size))
         presample = self.stream.take(self.presample_size)
         x = fetch(inputs, presample)
+        start = time.perf_counter()
         scores = self.scores(model, x, targets[presample], loss_fn)
+        if self.auto_threshold:
+            self._record(self.score_times, start, scores)
         self.scored += len(presample)
         probs = importance_probabilities(scores, self.smoothing)
         tau_hat = float(equivalent_batch_increment(probs, self.tau_kind))
@@ -310,6 +332,39 @@ class ImportanceSampler(Sampler):
         scores = self.scores(model, inputs, targets, loss_fn, logits=logits)
         probs = importance_probabilities(scores, self.smoothing)
         self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
+
+    # ------------------------------------------------------------ tau_threshold: auto
+    AUTO_WINDOW = 20
+
+    def _record(self, times: list[float], start: float, result: Tensor | None = None) -> None:
+        """Append the seconds since ``start`` (after the GPU finished ``result``) to ``times``."""
+        if result is not None and result.is_cuda:
+            torch.cuda.synchronize(result.device)  # the importance step reads tau: it syncs anyway
+        times.append(time.perf_counter() - start)
+        del times[: -self.AUTO_WINDOW]
+
+    def _measure_costs(self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> None:
+        """Time uniform steps (between consecutive calls) and, once, a scoring probe; then set the
+        switch's threshold to the measured cost ratio of an importance step to a uniform one."""
+        if self._last_call is not None and self._last_was_uniform:
+            self._record(self.step_times, self._last_call)
+        self._last_call = time.perf_counter()
+        if not self.score_times and len(self.step_times) >= 5:  # probe: one timed scoring forward
+            idx = self.stream.take(self.presample_size)
+            start = time.perf_counter()
+            result = self.scores(model, fetch(inputs, idx), targets[idx], loss_fn)
+            self._record(self.score_times, start, result)
+            self._last_call = time.perf_counter()  # the probe is not part of the next step's time
+        if self.step_times and self.score_times:
+            t_step, t_score = statistics.median(self.step_times), statistics.median(self.score_times)
+            self.switch.threshold = (t_step + t_score) / t_step
+
+    def metrics(self) -> dict[str, float]:
+        if not self.auto_threshold:
+            return {}
+        median = lambda t: 1000 * statistics.median(t) if t else float("nan")  # noqa: E731
+        return {"tau_threshold": self.switch.threshold, "cost_step_ms": median(self.step_times),
+                "cost_score_ms": median(self.score_times)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "switch": self.switch.state_dict(), "scored": self.scored,

@@ -43,7 +43,7 @@ METRICS_COLUMNS = (
     "is_fraction",   # share of steps since the previous row that used importance sampling
     "scored",        # points scored by the sampler so far (presample forwards)
     "fallbacks",     # importance steps whose scores were all equal or zero (so a uniform step)
-)
+)  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -345,6 +345,7 @@ class Trainer:
         return min(max(fractions), 1.0)
 
     def _set_lr(self, progress: float) -> None:
+        self.sampler.progress = progress  # e.g. InfoBatch anneals on the budget, not on epochs
         if self.lr_schedule == "constant":
             return
         factor = lr_factor(self.lr_schedule, progress, self.lr_milestones, self.lr_gamma)
@@ -435,6 +436,7 @@ class Trainer:
             "is_fraction": self.is_steps_since_row / max(self.steps_since_row, 1),
             "scored": self.sampler.scored,
             "fallbacks": self.sampler.fallbacks,
+            **self.sampler.metrics(),
         }
         self.steps_since_row = self.is_steps_since_row = 0
         self._append_metrics([row], header=not self.rows)
@@ -446,7 +448,7 @@ class Trainer:
     def _append_metrics(self, rows: list[dict], header: bool) -> None:
         # open-write-close per row: a crash loses at most the row being evaluated
         with open(self.out_dir / "metrics.csv", "w" if header else "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else METRICS_COLUMNS)
             if header:
                 writer.writeheader()
             writer.writerows(rows)

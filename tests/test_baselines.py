@@ -1,0 +1,155 @@
+"""Samplers beyond the paper: selection and weighting rules on hand-checked cases, and a run each."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from importance_sampling.baselines import (
+    HistorySampler,
+    InfoBatchSampler,
+    OnlineBatchSampler,
+    SelectiveBackpropSampler,
+    rank_by_loss,
+    rank_probabilities,
+)
+from importance_sampling.sampling import ImportanceSampler
+from importance_sampling.scores import cross_entropy
+
+CPU = torch.device("cpu")
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_rank_probabilities_put_the_selection_pressure_between_first_and_last():
+    p = rank_probabilities(torch.arange(5.0), selection_pressure=100.0)
+    assert p.sum().item() == pytest.approx(1.0)
+    assert (p[0] / p[-1]).item() == pytest.approx(math.exp(math.log(100) * 4 / 5))
+    assert torch.all(p[:-1] > p[1:])
+    torch.testing.assert_close(rank_probabilities(torch.arange(4.0), 1.0), torch.full((4,), 0.25))
+
+
+def test_rank_by_loss_puts_unseen_first_then_the_highest_loss():
+    losses = torch.tensor([0.5, float("nan"), 2.0, 0.1, 1.0])
+    assert rank_by_loss(losses, gen()).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_online_batch_draws_high_loss_samples_more_often():
+    s = OnlineBatchSampler(batch_size=4, selection_pressure=1e4)
+    s.setup(40, gen(), CPU)
+    losses = torch.linspace(0, 1, 40)  # sample 39 has the highest loss
+    s.table.update(torch.arange(40), losses, step=0)
+    counts = torch.zeros(40)
+    for _ in range(200):
+        batch = s.sample(None, torch.zeros(40, 1), torch.zeros(40), cross_entropy)
+        assert batch.weights is None and len(set(batch.indices.tolist())) == 4  # biased, no repeats
+        counts[batch.indices] += 1
+    assert counts[30:].sum() > 5 * counts[:10].sum()
+
+
+def test_history_sampler_resamples_from_the_table_with_unbiased_weights():
+    s = HistorySampler("loss", batch_size=2, presample_size=4, tau_threshold=1.0)
+    s.setup(4, gen(), CPU)
+    s.table.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 6.0]), step=0)
+    # sample 3 unseen: it gets the mean of the others, (1 + 1 + 6) / 3
+    torch.testing.assert_close(s.table_scores(torch.arange(4)), torch.tensor([1.0, 1.0, 6.0, 8 / 3]))
+    s.switch.tau = 5.0
+    batch = s.sample(None, torch.zeros(4, 1), torch.zeros(4), cross_entropy)
+    total = 1 + 1 + 6 + 8 / 3
+    expected = {0: total / (4 * 1), 1: total / (4 * 1), 2: total / (4 * 6), 3: total / (4 * 8 / 3)}
+    for i, w in zip(batch.indices.tolist(), batch.weights.tolist(), strict=True):
+        assert w == pytest.approx(expected[i], rel=1e-5)
+    assert s.scored == 0  # no scoring forward at all
+
+
+def test_history_sampler_treats_stale_scores_as_unseen():
+    s = HistorySampler("loss", batch_size=1, presample_size=2, staleness=5)
+    s.setup(2, gen(), CPU)
+    s.table.update(torch.tensor([0]), torch.tensor([9.0]), step=0)
+    s.table.update(torch.tensor([1]), torch.tensor([1.0]), step=10)
+    s.steps = 10  # sample 0 was seen 10 steps ago: stale -> the mean of the fresh ones (1.0)
+    torch.testing.assert_close(s.table_scores(torch.tensor([0, 1])), torch.tensor([1.0, 1.0]))
+
+
+def test_selective_backprop_keeps_by_loss_percentile():
+    s = SelectiveBackpropSampler(batch_size=2, beta=2.0)
+    s.setup(10, gen(), CPU)
+    s.history = torch.tensor([1.0, 2.0, 3.0])
+    # 2.5 is >= 3 of the 4 values in [1, 2, 3, 2.5]: percentile 0.75, kept with 0.75^2
+    torch.testing.assert_close(s.keep_probability(torch.tensor([2.5])), torch.tensor([0.5625]))
+    torch.testing.assert_close(s.keep_probability(torch.tensor([0.0])), torch.tensor([0.25**2]))
+
+
+def test_selective_backprop_trains_on_full_batches_of_the_hardest():
+    n = 64
+    y = torch.zeros(n, dtype=torch.long)
+    logits = torch.zeros(n, 2)
+    logits[:, 0] = torch.linspace(-5, 5, n)  # loss decreases with the index
+
+    class Table(torch.nn.Module):
+        def forward(self, x):
+            return logits[x.long().squeeze(1)]
+
+    s = SelectiveBackpropSampler(batch_size=8, beta=3.0, history_size=64)
+    s.setup(n, gen(), CPU)
+    kept = torch.cat([s.sample(Table(), torch.arange(n, dtype=torch.float32)[:, None], y, cross_entropy).indices
+                      for _ in range(30)])
+    assert len(kept) == 240 and kept.float().mean() < 0.4 * n  # mostly the low indices (high loss)
+
+
+def test_infobatch_prunes_below_mean_losses_and_rescales_the_kept():
+    s = InfoBatchSampler(batch_size=1, prune_ratio=0.75)
+    s.setup(4, gen(), CPU)
+    s.table.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 10.0]), step=0)  # mean 4
+    kept_weight = torch.zeros(4)
+    for seed in range(400):
+        s.generator = gen(seed)
+        s.new_epoch()
+        assert 3 in s.epoch_order.tolist()  # above the mean: always kept
+        kept_weight[s.epoch_order] += s.epoch_weights
+    # E[kept * weight] = (1 - r) / (1 - r) = 1 for every sample: the expected gradient is kept
+    torch.testing.assert_close(kept_weight / 400, torch.ones(4), atol=0.25, rtol=0)
+    s.progress = 0.9  # past anneal: everything, weight 1
+    s.new_epoch()
+    assert sorted(s.epoch_order.tolist()) == [0, 1, 2, 3] and torch.all(s.epoch_weights == 1)
+
+
+def test_auto_threshold_is_the_measured_cost_ratio():
+    s = ImportanceSampler("upper_bound", batch_size=4, presample_size=8, tau_threshold="auto")
+    s.setup(16, gen(), CPU)
+    s.step_times, s.score_times = [0.010] * 5, [0.030] * 3
+    s._last_call = None
+    s._measure_costs(None, torch.zeros(16, 1), torch.zeros(16, dtype=torch.long), cross_entropy)
+    assert s.switch.threshold == pytest.approx((0.010 + 0.030) / 0.010)
+    assert s.metrics() == {"tau_threshold": pytest.approx(4.0), "cost_step_ms": pytest.approx(10.0),
+                           "cost_score_ms": pytest.approx(30.0)}
+
+
+@pytest.mark.parametrize("sampler", ["online_batch", "history", "selective_backprop", "infobatch"])
+def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
+    import train
+
+    cfg = compose(f"sampler={sampler}", "sampler.batch_size=32", "trainer.time_budget=null",
+                  "trainer.max_steps=60", "trainer.eval_every_seconds=null", "trainer.eval_every_steps=20",
+                  "trainer.progress=false")
+    summary = train.run(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert summary["sampler"] == sampler and summary["step"] == 60
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+    if sampler in ("online_batch", "selective_backprop", "infobatch"):
+        assert summary["importance_steps"] > 0
+
+
+def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
+    import train
+
+    cfg = compose("sampler.tau_threshold=auto", "sampler.batch_size=32", "trainer.time_budget=null",
+                  "trainer.max_steps=60", "trainer.eval_every_seconds=null", "trainer.eval_every_steps=20",
+                  "trainer.progress=false")
+    train.run(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert {"tau_threshold", "cost_step_ms", "cost_score_ms"} <= set(rows[0])
+    assert float(rows[-1]["tau_threshold"]) > 1 and float(rows[-1]["cost_score_ms"]) > 0
