@@ -4,7 +4,8 @@ reduction, measured exactly"): a tidy table, a figure and a summary.
     # train a run with the measurement on (train.py overrides after the run dir), then report
     python scripts/variance_reduction.py --train outputs/vr_mlp dataset=fashion_mnist model=mlp \\
         trainer.time_budget=75 trainer.eval_every_seconds=5
-    # report on a run that measured already (variance.every_rows > 0)
+    # report on a run that measured already (variance.every_rows > 0); a run that did not but
+    # left a checkpoint.pt (trainer.checkpoint_every) is measured once, at its checkpoint
     python scripts/variance_reduction.py outputs/vr_mlp
     # ... and copy its variance.csv, metrics.csv and figure as reference results
     python scripts/variance_reduction.py outputs/vr_mlp --results results/variance_reduction/fashion_mnist_mlp
@@ -25,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runs without `pip install -e .` too
 
+import torch  # noqa: E402
+
+from importance_sampling.scores import cross_entropy  # noqa: E402
 from importance_sampling.variance import (  # noqa: E402
     ordering_by_step,
     ordering_holds,
@@ -40,6 +44,35 @@ def train(run_dir: Path, every_rows: int, overrides: list[str]) -> None:
            *overrides, f"hydra.run.dir={run_dir}"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def measure_checkpoint(run_dir: Path) -> None:
+    """One measurement of the model in ``run_dir/checkpoint.pt``, built from the run's own config,
+    on the presample the run would have measured (same seed): writes ``run_dir/variance.csv``."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from importance_sampling.trainer import load_checkpoint, resolve_device
+    from importance_sampling.variance import VarianceCallback
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    device = resolve_device(cfg.get("device", "auto"))
+    data = instantiate(cfg.dataset).to(device)
+    model = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    state = load_checkpoint(run_dir / "checkpoint.pt", device)
+    model.to(device).load_state_dict(state["model"])
+    sampler = instantiate(cfg.sampler)
+    sampler.setup(len(data.train_x), torch.Generator(device).manual_seed(0), device)
+    sampler.load_state_dict(state["sampler"])  # for the trainer's tau at the checkpoint
+    counters = state["counters"]
+    trainer = SimpleNamespace(model=model, data=data, sampler=sampler, loss_fn=cross_entropy,
+                              out_dir=run_dir, rows=[], step=counters["step"],
+                              samples=counters["samples"], train_time=counters["train_time"])
+    options = {k: v for k, v in cfg.get("variance", {}).items() if k != "every_rows"}
+    VarianceCallback(**options).measure(trainer)
+    print(f"measured the checkpoint at step {trainer.step}", flush=True)
 
 
 def report(run_dir: Path, results: Path | None = None) -> str:
@@ -89,8 +122,10 @@ def main() -> None:
     elif args.overrides:
         parser.error("overrides are for --train")
     if not (args.run_dir / "variance.csv").is_file():
-        parser.error(f"{args.run_dir}/variance.csv not found: train with variance.every_rows > 0 "
-                     "(or use --train)")
+        if not (args.run_dir / "checkpoint.pt").is_file():
+            parser.error(f"{args.run_dir} has neither variance.csv nor checkpoint.pt: train with "
+                         "variance.every_rows > 0 (or use --train)")
+        measure_checkpoint(args.run_dir)
     print(report(args.run_dir, args.results))
 
 

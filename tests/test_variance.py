@@ -234,3 +234,43 @@ def test_notebook_runs_on_a_small_run(script_run):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) >= 2
+
+
+def test_script_measures_the_checkpoint_of_a_run_that_did_not_measure(compose, tmp_path):
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    import train
+
+    cfg = compose(*SMALL_RUN, "trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps")
+    train.run(cfg, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as train.py's Hydra run does
+    assert not (tmp_path / "variance.csv").exists()
+    spec = importlib.util.spec_from_file_location("vr", ROOT / "scripts" / "variance_reduction.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.measure_checkpoint(tmp_path)
+    rows = read_variance(tmp_path)
+    assert [(r["step"], r["score"]) for r in rows] == [("20", s) for s in DISTRIBUTIONS]
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert float(rows[0]["trainer_tau"]) == pytest.approx(metrics.tau.iloc[-1])
+
+
+def test_a_resumed_run_keeps_the_measurements_up_to_its_checkpoint(compose, tmp_path):
+    import shutil
+
+    import train
+
+    every = ["trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps", "variance.every_rows=1"]
+    train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=10"), tmp_path)
+    shutil.copy(tmp_path / "checkpoint.pt", tmp_path / "step10.pt")
+    train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=15", "trainer.resume=true"), tmp_path)
+    assert sorted({int(r["step"]) for r in read_variance(tmp_path)}) == [0, 5, 10, 15]
+    # as if killed after the row at step 15 but before its checkpoint: resume from step 10
+    shutil.move(tmp_path / "step10.pt", tmp_path / "checkpoint.pt")
+    train.run(compose(*SMALL_RUN, *every, "trainer.resume=true"), tmp_path)
+    steps = [int(r["step"]) for r in read_variance(tmp_path)]
+    assert steps == [s for s in (0, 5, 10, 15, 20) for _ in DISTRIBUTIONS]  # 15 redone, once
+    assert list(pd.read_csv(tmp_path / "metrics.csv").step) == [0, 5, 10, 15, 20]
