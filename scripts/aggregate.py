@@ -21,15 +21,34 @@ from importance_sampling import analysis  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path, help="a sweep directory (runs with metrics.csv) or a runs.csv")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the sweep's)")
-    parser.add_argument("--targets", type=float, nargs="+", default=None,
-                        help="target training losses (default: 2, 1.5 and 1 x the baseline's worst final loss)")
-    parser.add_argument("--at", type=float, default=None,
-                        help="train_time of the equal-time table (default: the end of the shortest run)")
-    parser.add_argument("--baseline", default="uniform", help="the sampler speedups are relative to")
-    parser.add_argument("--title", default=None, help="figure and table title (default: the sweep's name)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "sweep", type=Path, help="a sweep directory (runs with metrics.csv) or a runs.csv"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: the sweep's)"
+    )
+    parser.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="target training losses (default: 2, 1.5 and 1 x the baseline's worst final loss)",
+    )
+    parser.add_argument(
+        "--at",
+        type=float,
+        default=None,
+        help="train_time of the equal-time table (default: the end of the shortest run)",
+    )
+    parser.add_argument(
+        "--baseline", default="uniform", help="the sampler speedups are relative to"
+    )
+    parser.add_argument(
+        "--title", default=None, help="figure and table title (default: the sweep's name)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -38,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep)
-    title = args.title or (runs["experiment"].dropna().iloc[0] if runs["experiment"].notna().any()
-                           else args.sweep.resolve().name)
+    title = args.title or (
+        runs["experiment"].dropna().iloc[0]
+        if runs["experiment"].notna().any()
+        else args.sweep.resolve().name
+    )
     paths = analysis.save(runs, out, args.targets, args.at, args.baseline, title)
     n = runs["run"].nunique()
     print(paths["table"].read_text())

@@ -21,20 +21,32 @@ def tidy(curves: dict[tuple[str, int], tuple[list[float], list[float]]]) -> pd.D
     rows = []
     for (sampler, seed), (times, losses) in curves.items():
         for step, (t, loss) in enumerate(zip(times, losses, strict=True)):
-            rows.append({"run": f"{sampler}_seed{seed}", "sampler": sampler, "seed": seed,
-                         "step": step, "epoch": step / 10, "train_time": t, "train_loss": loss,
-                         "test_error": loss / 10})
+            rows.append(
+                {
+                    "run": f"{sampler}_seed{seed}",
+                    "sampler": sampler,
+                    "seed": seed,
+                    "step": step,
+                    "epoch": step / 10,
+                    "train_time": t,
+                    "train_loss": loss,
+                    "test_error": loss / 10,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- interpolation
-@pytest.mark.parametrize("target, expected", [
-    (0.75, 1.5),     # between (1, 1.0) and (2, 0.5): 1 + (1.0 - 0.75) / 0.5
-    (1.0, 1.0),      # a row exactly at the target
-    (0.3, 2.8),      # between (2, 0.5) and (3, 0.25): 2 + 0.2 / 0.25
-    (2.0, 0.0),      # the first row is already there
-    (5.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (0.75, 1.5),  # between (1, 1.0) and (2, 0.5): 1 + (1.0 - 0.75) / 0.5
+        (1.0, 1.0),  # a row exactly at the target
+        (0.3, 2.8),  # between (2, 0.5) and (3, 0.25): 2 + 0.2 / 0.25
+        (2.0, 0.0),  # the first row is already there
+        (5.0, 0.0),
+    ],
+)
 def test_first_crossing_interpolates_linearly(target, expected):
     assert first_crossing([0, 1, 2, 3], [2.0, 1.0, 0.5, 0.25], target) == pytest.approx(expected)
 
@@ -60,14 +72,16 @@ def test_value_at_interpolates_inside_the_run_and_is_nan_outside():
 def sweep():
     """uniform reaches 0.5 at t = 4 (seed 0) and 6 (seed 1); upper_bound at t = 2 and 2;
     loss reaches it on seed 0 only (t = 3; seed 1 stops at 0.6 after 5 s: censored)."""
-    return tidy({
-        ("uniform", 0): ([0, 2, 4, 8], [2.0, 1.0, 0.5, 0.3]),
-        ("uniform", 1): ([0, 3, 6, 8], [2.0, 1.0, 0.5, 0.4]),
-        ("upper_bound", 0): ([0, 1, 3, 8], [2.0, 1.0, 0.0, 0.0]),  # 0.5 at t = 1 + 0.5 * 2 = 2
-        ("upper_bound", 1): ([0, 2, 8], [2.0, 0.5, 0.1]),
-        ("loss", 0): ([0, 2, 4], [2.0, 1.0, 0.0]),                 # 0.5 at t = 3
-        ("loss", 1): ([0, 5], [2.0, 0.6]),
-    })
+    return tidy(
+        {
+            ("uniform", 0): ([0, 2, 4, 8], [2.0, 1.0, 0.5, 0.3]),
+            ("uniform", 1): ([0, 3, 6, 8], [2.0, 1.0, 0.5, 0.4]),
+            ("upper_bound", 0): ([0, 1, 3, 8], [2.0, 1.0, 0.0, 0.0]),  # 0.5 at t = 1 + 0.5 * 2 = 2
+            ("upper_bound", 1): ([0, 2, 8], [2.0, 0.5, 0.1]),
+            ("loss", 0): ([0, 2, 4], [2.0, 1.0, 0.0]),  # 0.5 at t = 3
+            ("loss", 1): ([0, 5], [2.0, 0.6]),
+        }
+    )
 
 
 def test_time_to_loss_marks_runs_that_never_reach_the_target_as_censored(sweep):
@@ -103,12 +117,14 @@ def test_a_censored_sampler_gives_an_upper_bound_on_its_speedup(sweep):
 
 
 def test_a_censored_baseline_gives_a_lower_bound_and_neither_reaching_gives_nothing():
-    runs = tidy({
-        ("uniform", 0): ([0, 10], [2.0, 1.0]),        # never reaches 0.5 within 10 s
-        ("uniform", 1): ([0, 10], [2.0, 1.0]),
-        ("upper_bound", 0): ([0, 4], [2.0, 0.0]),     # 0.5 at t = 3
-        ("upper_bound", 1): ([0, 10], [2.0, 0.8]),    # never: no information on this seed
-    })
+    runs = tidy(
+        {
+            ("uniform", 0): ([0, 10], [2.0, 1.0]),  # never reaches 0.5 within 10 s
+            ("uniform", 1): ([0, 10], [2.0, 1.0]),
+            ("upper_bound", 0): ([0, 4], [2.0, 0.0]),  # 0.5 at t = 3
+            ("upper_bound", 1): ([0, 10], [2.0, 0.8]),  # never: no information on this seed
+        }
+    )
     ub = analysis.speedup(analysis.time_to_loss(runs, 0.5)).set_index("sampler").loc["upper_bound"]
     assert ub.speedup_median == pytest.approx(10 / 3) and ub.pairs == 1 and ub.speedup_bound == ">"
     u = analysis.speedup(analysis.time_to_loss(runs, 0.5)).set_index("sampler").loc["uniform"]
@@ -116,12 +132,14 @@ def test_a_censored_baseline_gives_a_lower_bound_and_neither_reaching_gives_noth
 
 
 def test_bounds_both_ways_are_not_a_bound():
-    runs = tidy({
-        ("uniform", 0): ([0, 10], [2.0, 1.0]),        # censored at 10
-        ("uniform", 1): ([0, 4], [2.0, 0.0]),         # 0.5 at 3
-        ("loss", 0): ([0, 4], [2.0, 0.0]),            # 0.5 at 3: > 10 / 3
-        ("loss", 1): ([0, 6], [2.0, 1.0]),            # censored at 6: < 3 / 6
-    })
+    runs = tidy(
+        {
+            ("uniform", 0): ([0, 10], [2.0, 1.0]),  # censored at 10
+            ("uniform", 1): ([0, 4], [2.0, 0.0]),  # 0.5 at 3
+            ("loss", 0): ([0, 4], [2.0, 0.0]),  # 0.5 at 3: > 10 / 3
+            ("loss", 1): ([0, 6], [2.0, 1.0]),  # censored at 6: < 3 / 6
+        }
+    )
     loss = analysis.speedup(analysis.time_to_loss(runs, 0.5)).set_index("sampler").loc["loss"]
     assert loss.speedup_bound == "?"
     assert (loss.speedup_min, loss.speedup_max) == pytest.approx((0.5, 10 / 3))
@@ -147,7 +165,9 @@ def test_equal_time_table_interpolates_every_run_at_the_same_train_time(sweep):
     # upper_bound: 0.0 and 0.5 - 0.4 * 2 / 6
     ub1 = 0.5 - 0.4 * 2 / 6
     assert table.loc["upper_bound", "train_loss_median"] == pytest.approx(ub1 / 2)
-    assert table.loc["upper_bound", "train_loss_vs_uniform"] == pytest.approx((ub1 / 2) / ((0.5 + u1) / 2))
+    assert table.loc["upper_bound", "train_loss_vs_uniform"] == pytest.approx(
+        (ub1 / 2) / ((0.5 + u1) / 2)
+    )
     assert table.loc["upper_bound", "test_error_median"] == pytest.approx(ub1 / 20)
     # loss seed 1 ended at t = 5 > 4: both seeds count; at t = 4: 0.0 and 2.0 - 1.4 * 4 / 5
     assert table.loc["loss", "train_loss_median"] == pytest.approx((2.0 - 1.4 * 4 / 5) / 2)
@@ -155,7 +175,10 @@ def test_equal_time_table_interpolates_every_run_at_the_same_train_time(sweep):
     assert table.loc["uniform", "epoch_median"] == pytest.approx((0.2 + 0.1 + 0.1 / 3) / 2)
     text = analysis.equal_time_markdown(table.reset_index())
     # epochs: 0.2 + 0.1 / 5 (seed 0) and 0.1 + 0.1 / 3 (seed 1)
-    assert "| upper_bound | 2 | 0.1833 [0.0000, 0.3667] | 0.27 | 1.83 [0.00, 3.67] | 0.27 | 0.18 |" in text
+    assert (
+        "| upper_bound | 2 | 0.1833 [0.0000, 0.3667] | 0.27 | 1.83 [0.00, 3.67] | 0.27 | 0.18 |"
+        in text
+    )
 
 
 def test_equal_time_defaults_to_the_end_of_the_shortest_run(sweep):
@@ -171,7 +194,9 @@ def test_curves_take_the_median_and_band_over_seeds(sweep):
     c = analysis.curves(sweep[sweep["sampler"] == "uniform"], "train_loss", points=9)  # grid 0..8
     at6 = c[c["train_time"] == 6.0].iloc[0]
     # seed 0 at 6: 0.5 - 0.2 * 2 / 4 = 0.4; seed 1: 0.5
-    assert (at6["median"], at6["min"], at6["max"], at6["runs"]) == pytest.approx((0.45, 0.4, 0.5, 2))
+    assert (at6["median"], at6["min"], at6["max"], at6["runs"]) == pytest.approx(
+        (0.45, 0.4, 0.5, 2)
+    )
 
 
 def test_markdown_says_which_numbers_are_bounds(sweep):
@@ -185,16 +210,27 @@ def test_markdown_says_which_numbers_are_bounds(sweep):
 # ---------------------------------------------------------------- run directories -> tidy frame
 def write_run(run_dir: Path, sampler: str, seed: int, losses: list[float], summary: bool = True):
     (run_dir / ".hydra").mkdir(parents=True)
-    rows = [{c: 0 for c in METRICS_COLUMNS} | {"step": 10 * i, "train_time": float(i), "train_loss": v}
-            for i, v in enumerate(losses)]
+    rows = [
+        {c: 0 for c in METRICS_COLUMNS} | {"step": 10 * i, "train_time": float(i), "train_loss": v}
+        for i, v in enumerate(losses)
+    ]
     pd.DataFrame(rows, columns=list(METRICS_COLUMNS)).to_csv(run_dir / "metrics.csv", index=False)
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "sampler": {}}))
-    choices = {"dataset": "digits", "model": "mlp", "sampler": sampler, "optimizer": "sgd",
-               "experiment": "digits_mlp", "logger": "none"}
+    choices = {
+        "dataset": "digits",
+        "model": "mlp",
+        "sampler": sampler,
+        "optimizer": "sgd",
+        "experiment": "digits_mlp",
+        "logger": "none",
+    }
     (run_dir / ".hydra" / "hydra.yaml").write_text(
-        yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+        yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}})
+    )
     if summary:
-        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "sampler": sampler}))
+        (run_dir / "summary.json").write_text(
+            json.dumps({"status": "completed", "sampler": sampler})
+        )
 
 
 @pytest.fixture
@@ -213,9 +249,16 @@ def test_collect_runs_gives_one_row_per_run_and_evaluation(sweep_dir):
     assert len(runs) == 3 + 3 + 3 + 2 and runs["run"].nunique() == 4
     assert list(runs.columns) == list(analysis.RUN_COLUMNS) + list(METRICS_COLUMNS)
     first = runs.iloc[0]
-    assert (first.run, first.experiment, first.dataset, first.model, first.sampler, first.optimizer,
-            first.seed, first.status) == ("uniform_seed0_0", "digits_mlp", "digits", "mlp", "uniform",
-                                          "sgd", 0, "completed")
+    assert (
+        first.run,
+        first.experiment,
+        first.dataset,
+        first.model,
+        first.sampler,
+        first.optimizer,
+        first.seed,
+        first.status,
+    ) == ("uniform_seed0_0", "digits_mlp", "digits", "mlp", "uniform", "sgd", 0, "completed")
     # no summary.json: still running, or killed
     assert set(runs[runs["run"] == "upper_bound_seed1_3"]["status"]) == {"running"}
     assert runs.groupby("run")["step"].apply(list)["uniform_seed1_1"] == [0, 10, 20]
@@ -228,7 +271,9 @@ def test_load_reads_a_sweep_or_the_runs_csv_written_from_it(sweep_dir, tmp_path)
         pd.testing.assert_frame_equal(analysis.load(source), runs, check_dtype=False)
     ttl = pd.read_csv(paths["time_to_loss"]).set_index(["target", "sampler"])
     # uniform reaches 1.0 at t = 1 and 1 + 0.2 / 0.6; upper_bound at 1 / 1.5 and 1 / 1.4
-    assert ttl.loc[(1.0, "upper_bound"), "speedup_median"] == pytest.approx((1.5 + (4 / 3) * 1.4) / 2)
+    assert ttl.loc[(1.0, "upper_bound"), "speedup_median"] == pytest.approx(
+        (1.5 + (4 / 3) * 1.4) / 2
+    )
     assert paths["figure"].stat().st_size > 10_000
     assert "| 0.6 | upper_bound | 2/2 |" in paths["table"].read_text()
     with pytest.raises(FileNotFoundError, match="no run"):

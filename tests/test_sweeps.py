@@ -17,8 +17,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
 SWEPT = ["uniform", "upper_bound"]  # the real sweeps of these tests: 2 samplers x 2 seeds
-TINY = ["trainer.time_budget=null", "trainer.max_steps=20", "trainer.eval_every_seconds=null",
-        "trainer.eval_every_steps=5", "trainer.progress=false", "threads=1"]
+TINY = [
+    "trainer.time_budget=null",
+    "trainer.max_steps=20",
+    "trainer.eval_every_seconds=null",
+    "trainer.eval_every_steps=5",
+    "trainer.progress=false",
+    "threads=1",
+]
 
 
 def presets() -> list[str]:
@@ -65,7 +71,8 @@ def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
     for combo in itertools.product(*grid):
         # the arguments exactly as the W&B agent formats them for ${args_no_hyphens}
         args = create_sweep_command_args(
-            {"args": {k: {"value": v} for k, v in zip(names, combo, strict=True)}})["args_no_hyphens"]
+            {"args": {k: {"value": v} for k, v in zip(names, combo, strict=True)}}
+        )["args_no_hyphens"]
         cfg = compose(*args)
         assert cfg.logger._target_.endswith("WandbLogger") and cfg.logger.mode == "online"
         assert cfg.seed == combo[names.index("seed")]
@@ -96,8 +103,10 @@ def read_wandb_records(run_dir: Path) -> dict[str, list]:
 
 
 def history(records: dict) -> list[dict]:
-    return [{i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json) for i in h.item}
-            for h in records.get("history", [])]
+    return [
+        {i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json) for i in h.item}
+        for h in records.get("history", [])
+    ]
 
 
 @pytest.fixture
@@ -109,7 +118,8 @@ def wandb_offline(tmp_path, monkeypatch):
 
 
 def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
-        compose, tmp_path, wandb_offline):
+    compose, tmp_path, wandb_offline
+):
     import wandb
 
     import train
@@ -145,8 +155,11 @@ def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
         metrics = pd.read_csv(tmp_path / f"run{seed}" / "metrics.csv")
         assert [r["step"] for r in rows] == metrics["step"].tolist() == [0, 5, 10, 15, 20]
         assert [r["train_loss"] for r in rows] == pytest.approx(metrics["train_loss"].tolist())
-        summary = {u.key or u.nested_key[0]: json.loads(u.value_json)
-                   for s in records["summary"] for u in s.update}
+        summary = {
+            u.key or u.nested_key[0]: json.loads(u.value_json)
+            for s in records["summary"]
+            for u in s.update
+        }
         assert summary["status"] == "completed" and summary["step"] == 20
         assert records["exit"][-1].exit_code == 0
     _, failed = by_name["uniform_seed2"]
@@ -172,8 +185,14 @@ def test_wandb_mode_follows_wandb_mode_and_disabled_always_wins(compose, monkeyp
 # ---------------------------------------------------------------- launchers, script, notebook
 def run_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "IS_DATA_DIR": str(cwd / "data"), **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -184,10 +203,19 @@ def joblib_sweep(tmp_path_factory):
     the 4 jobs) and offline W&B logging. (The 4-sampler sweep is scripts/time_to_loss.py's.)"""
     tmp = tmp_path_factory.mktemp("joblib_sweep")
     sweep = tmp / "sweep"
-    run_train("-m", "experiment=digits_mlp", f"sampler={','.join(SWEPT)}", "seed=0,1", *TINY,
-              "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=wandb",
-              f"hydra.sweep.dir={sweep}", cwd=tmp,
-              env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    run_train(
+        "-m",
+        "experiment=digits_mlp",
+        f"sampler={','.join(SWEPT)}",
+        "seed=0,1",
+        *TINY,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp,
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     return sweep
 
 
@@ -197,7 +225,8 @@ def test_joblib_multirun_writes_every_run_and_one_wandb_run_per_job(joblib_sweep
 
     runs = analysis.find_runs(joblib_sweep)
     assert sorted(r.name.rsplit("_", 1)[0] for r in runs) == sorted(
-        f"{s}_seed{seed}" for s in SWEPT for seed in (0, 1))
+        f"{s}_seed{seed}" for s in SWEPT for seed in (0, 1)
+    )
     for run in runs:
         assert json.loads((run / "summary.json").read_text())["status"] == "completed"
         (wandb_run,) = (run / "wandb").glob("offline-run-*")  # its own W&B run, beside its metrics
@@ -210,8 +239,18 @@ def test_joblib_multirun_writes_every_run_and_one_wandb_run_per_job(joblib_sweep
 @pytest.mark.slow
 def test_aggregation_script_on_a_real_sweep(joblib_sweep, tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "aggregate.py"), str(joblib_sweep),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "aggregate.py"),
+            str(joblib_sweep),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 4 * 5 and runs["run"].nunique() == 4
@@ -228,13 +267,20 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, mon
 
     path = ROOT / "notebooks" / "time_to_loss.ipynb"
     committed = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") and not c.get("execution_count")
-               for c in committed.cells if c.cell_type == "code"), "strip the notebook's outputs"
+    assert all(
+        not c.get("outputs") and not c.get("execution_count")
+        for c in committed.cells
+        if c.cell_type == "code"
+    ), "strip the notebook's outputs"
     monkeypatch.setenv("SWEEP_DIR", str(joblib_sweep))
     monkeypatch.setenv("SAVE_TO", str(tmp_path / "saved"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    NotebookClient(committed, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        committed,
+        timeout=180,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    ).execute()
     outputs = [o for c in committed.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
@@ -247,8 +293,15 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, mon
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train("-m", "sampler=uniform,upper_bound", *TINY, "hydra/launcher=submitit_local",
-              "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_train(
+        "-m",
+        "sampler=uniform,upper_bound",
+        *TINY,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     for name in ("uniform_seed0_0", "upper_bound_seed0_1"):
         summary = json.loads((sweep / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 20

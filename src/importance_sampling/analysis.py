@@ -140,8 +140,9 @@ def _by_run(runs: pd.DataFrame):
 
 
 # ---------------------------------------------------------------- time to loss
-def time_to_loss(runs: pd.DataFrame, targets: float | Sequence[float],
-                 metric: str = "train_loss") -> pd.DataFrame:
+def time_to_loss(
+    runs: pd.DataFrame, targets: float | Sequence[float], metric: str = "train_loss"
+) -> pd.DataFrame:
     """One row per run and target: the train_time at which ``metric`` first reaches the target.
 
     Columns: the run's names, target, time (NaN when censored), reached, censored_at (the run's
@@ -151,8 +152,15 @@ def time_to_loss(runs: pd.DataFrame, targets: float | Sequence[float],
     for names, rows in _by_run(runs):
         for target in targets:
             t = first_crossing(rows["train_time"], rows[metric], target)
-            out.append({**names, "target": float(target), "time": t, "reached": not math.isnan(t),
-                        "censored_at": float(rows["train_time"].iloc[-1])})
+            out.append(
+                {
+                    **names,
+                    "target": float(target),
+                    "time": t,
+                    "reached": not math.isnan(t),
+                    "censored_at": float(rows["train_time"].iloc[-1]),
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -181,29 +189,37 @@ def speedup(ttl: pd.DataFrame, baseline: str = "uniform") -> pd.DataFrame:
             t_base = pairs["time_base"].where(pairs["reached_base"], pairs["censored_at_base"])
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratios = (t_base / t).to_numpy(dtype=float)
-            kinds = {"<" if not r else ">" if not rb else "="
-                     for r, rb in zip(pairs["reached"], pairs["reached_base"], strict=True)} - {"="}
+            kinds = {
+                "<" if not r else ">" if not rb else "="
+                for r, rb in zip(pairs["reached"], pairs["reached_base"], strict=True)
+            } - {"="}
             reached = mine[mine["reached"]]["time"]
-            out.append({
-                "target": target,
-                "sampler": sampler,
-                "runs": len(mine),
-                "reached": int(mine["reached"].sum()),
-                "time_median": reached.median() if len(reached) else math.nan,
-                "time_min": reached.min() if len(reached) else math.nan,
-                "time_max": reached.max() if len(reached) else math.nan,
-                "censored_at": mine["censored_at"].min(),
-                "speedup_median": float(np.median(ratios)) if len(ratios) else math.nan,
-                "speedup_min": float(ratios.min()) if len(ratios) else math.nan,
-                "speedup_max": float(ratios.max()) if len(ratios) else math.nan,
-                "speedup_bound": kinds.pop() if len(kinds) == 1 else "?" if kinds else "=",
-                "pairs": len(ratios),
-            })
+            out.append(
+                {
+                    "target": target,
+                    "sampler": sampler,
+                    "runs": len(mine),
+                    "reached": int(mine["reached"].sum()),
+                    "time_median": reached.median() if len(reached) else math.nan,
+                    "time_min": reached.min() if len(reached) else math.nan,
+                    "time_max": reached.max() if len(reached) else math.nan,
+                    "censored_at": mine["censored_at"].min(),
+                    "speedup_median": float(np.median(ratios)) if len(ratios) else math.nan,
+                    "speedup_min": float(ratios.min()) if len(ratios) else math.nan,
+                    "speedup_max": float(ratios.max()) if len(ratios) else math.nan,
+                    "speedup_bound": kinds.pop() if len(kinds) == 1 else "?" if kinds else "=",
+                    "pairs": len(ratios),
+                }
+            )
     return pd.DataFrame(out)
 
 
-def default_targets(runs: pd.DataFrame, baseline: str = "uniform", metric: str = "train_loss",
-                    factors: Sequence[float] = (2.0, 1.5, 1.0)) -> list[float]:
+def default_targets(
+    runs: pd.DataFrame,
+    baseline: str = "uniform",
+    metric: str = "train_loss",
+    factors: Sequence[float] = (2.0, 1.5, 1.0),
+) -> list[float]:
     """Targets every ``baseline`` run reaches: its worst final ``metric`` (rounded up to two
     significant digits) times each factor. Falls back on all runs if there is no baseline."""
     base = runs[runs["sampler"] == baseline] if (runs["sampler"] == baseline).any() else runs
@@ -220,13 +236,19 @@ def round_up(x: float, digits: int = 2) -> float:
 
 
 # ---------------------------------------------------------------- equal train_time
-def at_time(runs: pd.DataFrame, at: float,
-            metrics: Sequence[str] = ("train_loss", "test_error")) -> pd.DataFrame:
+def at_time(
+    runs: pd.DataFrame, at: float, metrics: Sequence[str] = ("train_loss", "test_error")
+) -> pd.DataFrame:
     """One row per run: each metric interpolated at train_time ``at`` (NaN if the run ended before)."""
     out = []
     for names, rows in _by_run(runs):
-        out.append({**names, "train_time": float(at),
-                    **{m: value_at(rows["train_time"], rows[m], at) for m in metrics}})
+        out.append(
+            {
+                **names,
+                "train_time": float(at),
+                **{m: value_at(rows["train_time"], rows[m], at) for m in metrics},
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -235,8 +257,12 @@ def common_time(runs: pd.DataFrame) -> float:
     return float(runs.groupby("run")["train_time"].max().min())
 
 
-def equal_time_table(runs: pd.DataFrame, at: float | None = None, baseline: str = "uniform",
-                     metrics: Sequence[str] = ("train_loss", "test_error", "epoch")) -> pd.DataFrame:
+def equal_time_table(
+    runs: pd.DataFrame,
+    at: float | None = None,
+    baseline: str = "uniform",
+    metrics: Sequence[str] = ("train_loss", "test_error", "epoch"),
+) -> pd.DataFrame:
     """Per sampler: the median, min and max over seeds of each metric at train_time ``at``
     (default: ``common_time``), and the median relative to the baseline's median (1 = equal).
     ``epoch`` (passes over the data so far) shows how much each sampler's steps cost."""
@@ -252,8 +278,9 @@ def equal_time_table(runs: pd.DataFrame, at: float | None = None, baseline: str 
             row[f"{m}_median"] = mine[m].median()
             row[f"{m}_min"], row[f"{m}_max"] = mine[m].min(), mine[m].max()
             with np.errstate(divide="ignore", invalid="ignore"):
-                row[f"{m}_vs_{baseline}"] = (mine[m].median() / base[m].median()
-                                             if len(base) else math.nan)
+                row[f"{m}_vs_{baseline}"] = (
+                    mine[m].median() / base[m].median() if len(base) else math.nan
+                )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -266,26 +293,41 @@ def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
     grid = np.linspace(0.0, runs["train_time"].max(), points)
     out = []
     for sampler in samplers_in_order(runs["sampler"]):
-        per_run = np.array([[value_at(rows["train_time"], rows[metric], t) for t in grid]
-                            for _, rows in _by_run(runs[runs["sampler"] == sampler])])
+        per_run = np.array(
+            [
+                [value_at(rows["train_time"], rows[metric], t) for t in grid]
+                for _, rows in _by_run(runs[runs["sampler"] == sampler])
+            ]
+        )
         keep = ~np.all(np.isnan(per_run), axis=0)
         with np.errstate(all="ignore"):
-            out.append(pd.DataFrame({
-                "sampler": sampler, "train_time": grid[keep],
-                "median": np.nanmedian(per_run[:, keep], axis=0),
-                "min": np.nanmin(per_run[:, keep], axis=0),
-                "max": np.nanmax(per_run[:, keep], axis=0),
-                "runs": (~np.isnan(per_run[:, keep])).sum(axis=0),
-            }))
+            out.append(
+                pd.DataFrame(
+                    {
+                        "sampler": sampler,
+                        "train_time": grid[keep],
+                        "median": np.nanmedian(per_run[:, keep], axis=0),
+                        "min": np.nanmin(per_run[:, keep], axis=0),
+                        "max": np.nanmax(per_run[:, keep], axis=0),
+                        "runs": (~np.isnan(per_run[:, keep])).sum(axis=0),
+                    }
+                )
+            )
     return pd.concat(out, ignore_index=True)
 
 
 # ---------------------------------------------------------------- figures
-COLORS = {"uniform": "tab:gray", "loss": "tab:orange", "upper_bound": "tab:blue",
-          "gradient_norm": "tab:green"}
+COLORS = {
+    "uniform": "tab:gray",
+    "loss": "tab:orange",
+    "upper_bound": "tab:blue",
+    "gradient_norm": "tab:green",
+}
 
 
-def plot_curves(runs: pd.DataFrame, metric: str, ax=None, log: bool = False, ylabel: str | None = None):
+def plot_curves(
+    runs: pd.DataFrame, metric: str, ax=None, log: bool = False, ylabel: str | None = None
+):
     """``metric`` against train_time: the median over seeds per sampler and a min-max band."""
     import matplotlib.pyplot as plt
 
@@ -322,10 +364,24 @@ def plot_time_to_loss(table: pd.DataFrame, ax=None):
         reached = rows["reached"].to_numpy() > 0
         med = rows["time_median"].to_numpy()
         err = np.array([med - rows["time_min"].to_numpy(), rows["time_max"].to_numpy() - med])
-        ax.bar(x[reached], med[reached], width, color=color, yerr=err[:, reached], capsize=2,
-               label=sampler if reached.any() else None)
-        ax.bar(x[~reached], rows["censored_at"].to_numpy()[~reached], width, color="none",
-               edgecolor=color, hatch="//", label=None if reached.any() else f"{sampler} (never)")
+        ax.bar(
+            x[reached],
+            med[reached],
+            width,
+            color=color,
+            yerr=err[:, reached],
+            capsize=2,
+            label=sampler if reached.any() else None,
+        )
+        ax.bar(
+            x[~reached],
+            rows["censored_at"].to_numpy()[~reached],
+            width,
+            color="none",
+            edgecolor=color,
+            hatch="//",
+            label=None if reached.any() else f"{sampler} (never)",
+        )
         for xi, r, n in zip(x, rows["reached"], rows["runs"], strict=True):
             if r < n:  # some runs never reached the target: say how many did
                 ax.annotate(f"{r}/{n}", (xi, 0), ha="center", va="bottom", fontsize=7)
@@ -373,34 +429,62 @@ def time_to_loss_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str
             time = f"{_fmt(r.time_median, '.1f')} [{_fmt(r.time_min, '.1f')}, {_fmt(r.time_max, '.1f')}]"
         else:
             time = f"> {_fmt(r.censored_at, '.1f')}"
-        bound = "" if r.speedup_bound == "=" else "~ " if r.speedup_bound == "?" else f"{r.speedup_bound} "
-        speed = (f"{bound}{_fmt(r.speedup_median, '.2f')}× [{_fmt(r.speedup_min, '.2f')}, "
-                 f"{_fmt(r.speedup_max, '.2f')}]" if r.pairs else "–")
+        bound = (
+            ""
+            if r.speedup_bound == "="
+            else "~ "
+            if r.speedup_bound == "?"
+            else f"{r.speedup_bound} "
+        )
+        speed = (
+            f"{bound}{_fmt(r.speedup_median, '.2f')}× [{_fmt(r.speedup_min, '.2f')}, "
+            f"{_fmt(r.speedup_max, '.2f')}]"
+            if r.pairs
+            else "–"
+        )
         rows.append([f"{r.target:g}", r.sampler, f"{r.reached}/{r.runs}", time, speed])
-    return markdown_table(["target loss", "sampler", "reached", "train_time (s)",
-                           f"speedup over {baseline}"], rows)
+    return markdown_table(
+        ["target loss", "sampler", "reached", "train_time (s)", f"speedup over {baseline}"], rows
+    )
 
 
 def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
     """``equal_time_table`` output as a markdown table: median [min, max] over seeds."""
     rows = []
     for r in table.to_dict("records"):
-        rows.append([
-            r["sampler"], str(r["runs"]),
-            f"{_fmt(r['train_loss_median'], '.4f')} [{_fmt(r['train_loss_min'], '.4f')}, "
-            f"{_fmt(r['train_loss_max'], '.4f')}]",
-            _fmt(r[f"train_loss_vs_{baseline}"], ".2f"),
-            f"{_fmt(100 * r['test_error_median'], '.2f')} [{_fmt(100 * r['test_error_min'], '.2f')}, "
-            f"{_fmt(100 * r['test_error_max'], '.2f')}]",
-            _fmt(r[f"test_error_vs_{baseline}"], ".2f"),
-            _fmt(r.get("epoch_median", math.nan), ".2f"),
-        ])
-    return markdown_table(["sampler", "seeds", "training loss", f"vs {baseline}",
-                           "test error (%)", f"vs {baseline}", "epochs"], rows)
+        rows.append(
+            [
+                r["sampler"],
+                str(r["runs"]),
+                f"{_fmt(r['train_loss_median'], '.4f')} [{_fmt(r['train_loss_min'], '.4f')}, "
+                f"{_fmt(r['train_loss_max'], '.4f')}]",
+                _fmt(r[f"train_loss_vs_{baseline}"], ".2f"),
+                f"{_fmt(100 * r['test_error_median'], '.2f')} [{_fmt(100 * r['test_error_min'], '.2f')}, "
+                f"{_fmt(100 * r['test_error_max'], '.2f')}]",
+                _fmt(r[f"test_error_vs_{baseline}"], ".2f"),
+                _fmt(r.get("epoch_median", math.nan), ".2f"),
+            ]
+        )
+    return markdown_table(
+        [
+            "sampler",
+            "seeds",
+            "training loss",
+            f"vs {baseline}",
+            "test error (%)",
+            f"vs {baseline}",
+            "epochs",
+        ],
+        rows,
+    )
 
 
-def report(runs: pd.DataFrame, targets: Sequence[float] | None = None, at: float | None = None,
-           baseline: str = "uniform") -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def report(
+    runs: pd.DataFrame,
+    targets: Sequence[float] | None = None,
+    at: float | None = None,
+    baseline: str = "uniform",
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(speedup table, equal-time table, markdown of both) with the defaults above."""
     targets = default_targets(runs, baseline) if targets is None else list(targets)
     table = speedup(time_to_loss(runs, targets), baseline)
@@ -418,17 +502,27 @@ def report(runs: pd.DataFrame, targets: Sequence[float] | None = None, at: float
     return table, equal, text
 
 
-def save(runs: pd.DataFrame, out_dir: str | Path, targets: Sequence[float] | None = None,
-         at: float | None = None, baseline: str = "uniform", title: str | None = None) -> dict:
+def save(
+    runs: pd.DataFrame,
+    out_dir: str | Path,
+    targets: Sequence[float] | None = None,
+    at: float | None = None,
+    baseline: str = "uniform",
+    title: str | None = None,
+) -> dict:
     """Write runs.csv, time_to_loss.csv, equal_time.csv, table.md and figure.png to ``out_dir``."""
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table, equal, text = report(runs, targets, at, baseline)
-    paths = {"runs": out / RUNS_CSV, "time_to_loss": out / "time_to_loss.csv",
-             "equal_time": out / "equal_time.csv", "table": out / "table.md",
-             "figure": out / "figure.png"}
+    paths = {
+        "runs": out / RUNS_CSV,
+        "time_to_loss": out / "time_to_loss.csv",
+        "equal_time": out / "equal_time.csv",
+        "table": out / "table.md",
+        "figure": out / "figure.png",
+    }
     runs.to_csv(paths["runs"], index=False)
     table.to_csv(paths["time_to_loss"], index=False)
     equal.to_csv(paths["equal_time"], index=False)
@@ -437,4 +531,3 @@ def save(runs: pd.DataFrame, out_dir: str | Path, targets: Sequence[float] | Non
     fig.savefig(paths["figure"], dpi=110)
     plt.close(fig)
     return paths
-

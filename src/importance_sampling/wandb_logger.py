@@ -104,7 +104,12 @@ class WandbLogger(Callback):
             return
         run, self.run = self.run, None
         try:
-            run.summary.update({k: v for k, v in summary.items()
-                                if v is not None and not (isinstance(v, float) and math.isnan(v))})
+            run.summary.update(
+                {
+                    k: v
+                    for k, v in summary.items()
+                    if v is not None and not (isinstance(v, float) and math.isnan(v))
+                }
+            )
         finally:
             run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
