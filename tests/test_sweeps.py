@@ -306,3 +306,47 @@ def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
         summary = json.loads((sweep / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 20
     assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
+
+
+def test_unreachable_wandb_degrades_to_offline_with_one_warning(compose, tmp_path, wandb_offline, monkeypatch):
+    """Online mode without a network (or a login): one warning, the run is logged offline."""
+    import wandb
+
+    import train
+
+    real_init = wandb.init
+    modes = []
+
+    def init(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("failed to reach the server")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = compose("logger=wandb", "logger.mode=online", *TINY)
+    with pytest.warns(UserWarning, match="logging offline"):
+        summary = train.run(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and modes == ["online", "offline"]
+    assert len(list(wandb_offline.glob("offline-run-*"))) == 1
+
+
+def test_wandb_failing_mid_run_never_stops_training(compose, tmp_path, wandb_offline, monkeypatch):
+    import wandb
+
+    import train
+
+    calls = []
+
+    def broken_log(self, *args, **kwargs):
+        calls.append(1)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    cfg = compose("logger=wandb", *TINY)
+    with pytest.warns(UserWarning, match="W&B logging failed"):
+        summary = train.run(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["step"] == 20
+    assert len(calls) == 1  # gave up after the first failure
+    assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 5
+    assert wandb.run is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class WandbLogger(Callback):
         self.config = dict(run_config or {})
         self.seed = seed
         self.run = None
+        self.failed = False  # after a W&B error: stop logging, keep training
 
     def _start(self, trainer: Trainer):
         import wandb  # imported here: a run without this logger never pays for it
@@ -87,7 +89,8 @@ class WandbLogger(Callback):
             reinit="finish_previous",
             # the run directory already has the console log (train.log); no system-metrics thread
             # competing with the timed steps on a small CPU
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            # online: give up on an unreachable server after 30 s (then offline), not W&B's 90 s
+            settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=30),
         )
         # the paper's x-axis: every metric is plotted against seconds of training
         run.define_metric("train_time")
@@ -95,9 +98,37 @@ class WandbLogger(Callback):
         return run
 
     def on_row(self, trainer: Trainer, row: dict) -> None:
-        if self.run is None:
-            self.run = self._start(trainer)
-        self.run.log(dict(row))
+        if self.failed:
+            return
+        try:
+            if self.run is None:
+                self.run = self._start_or_go_offline(trainer)
+            self.run.log(dict(row))
+        except Exception as e:  # W&B must never stop a training run: metrics.csv has every row
+            self._give_up(f"W&B logging failed ({type(e).__name__}: {e}); training goes on, "
+                          "metrics.csv still has every row")
+
+    def _start_or_go_offline(self, trainer: Trainer):
+        try:
+            return self._start(trainer)
+        except Exception as e:
+            if self.mode != "online":
+                raise
+            warnings.warn(f"W&B is unreachable or not logged in ({type(e).__name__}: {e}); "
+                          f"logging offline to {self.dir} instead (upload later with wandb sync)",
+                          stacklevel=2)
+            self.mode = "offline"
+            return self._start(trainer)
+
+    def _give_up(self, message: str) -> None:
+        warnings.warn(message, stacklevel=2)
+        self.failed = True
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
 
     def on_end(self, trainer: Trainer, summary: dict) -> None:
         if self.run is None:
@@ -111,5 +142,7 @@ class WandbLogger(Callback):
                     if v is not None and not (isinstance(v, float) and math.isnan(v))
                 }
             )
-        finally:
             run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
+        except Exception as e:
+            self.run = run
+            self._give_up(f"W&B could not close its run ({type(e).__name__}: {e})")
