@@ -56,10 +56,18 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
     if cfg.logger.get("_target_"):  # logger=wandb (conf/logger/); logger=none has no target
         # W&B groups runs by the experiment preset; without one the logger uses <dataset>_<model>
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-        callbacks.append(build(
-            cfg.logger, "logger", _recursive_=False, _convert_="all", out_dir=str(out_dir), seed=cfg.seed,
-            group=cfg.logger.group or choices.get("experiment"),
-            run_config=OmegaConf.to_container(cfg, resolve=True)))
+        callbacks.append(
+            build(
+                cfg.logger,
+                "logger",
+                _recursive_=False,
+                _convert_="all",
+                out_dir=str(out_dir),
+                seed=cfg.seed,
+                group=cfg.logger.group or choices.get("experiment"),
+                run_config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
     return callbacks
 
 
@@ -68,11 +76,15 @@ def check_model_output(model: torch.nn.Module, data, device: torch.device) -> No
     with torch.no_grad():
         out = model(data.train_x[:2].to(device))
     if tuple(out.shape) != (2, data.num_classes):
-        raise ConfigError(f"model: output shape {tuple(out.shape)} for 2 inputs does not match the "
-                          f"dataset's {data.num_classes} classes (expected (2, {data.num_classes}))")
+        raise ConfigError(
+            f"model: output shape {tuple(out.shape)} for 2 inputs does not match the "
+            f"dataset's {data.num_classes} classes (expected (2, {data.num_classes}))"
+        )
 
 
-def build_trainer(cfg: DictConfig, out_dir: str | Path, data: TensorDataset | None = None) -> Trainer:
+def build_trainer(
+    cfg: DictConfig, out_dir: str | Path, data: TensorDataset | None = None
+) -> Trainer:
     """Everything a run needs, built and checked from ``cfg`` (``data``: use these tensors
     instead of building cfg.dataset, e.g. synthetic data in a benchmark)."""
     if cfg.threads is not None:
@@ -96,11 +108,25 @@ def build_trainer(cfg: DictConfig, out_dir: str | Path, data: TensorDataset | No
         raise ConfigError(f"optimizer: {e}") from None
     if not all(group["lr"] > 0 for group in optimizer.param_groups):
         raise ConfigError(f"optimizer.lr must be > 0, got {optimizer.param_groups[0]['lr']}")
-    log.info("%r | %s | %d parameters | %s", data, type(model).__name__,
-             sum(p.numel() for p in model.parameters()), device)
+    log.info(
+        "%r | %s | %d parameters | %s",
+        data,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()),
+        device,
+    )
     try:
-        return Trainer(model, optimizer, sampler, data, out_dir, device=device, seed=cfg.seed,
-                       callbacks=make_callbacks(cfg, out_dir), **cfg.trainer)
+        return Trainer(
+            model,
+            optimizer,
+            sampler,
+            data,
+            out_dir,
+            device=device,
+            seed=cfg.seed,
+            callbacks=make_callbacks(cfg, out_dir),
+            **cfg.trainer,
+        )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"trainer: {e}") from None
 
@@ -121,8 +147,11 @@ def format_summary(s: dict, out_dir: str | Path) -> str:
     )
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"),
-            config_name="config")
+@hydra.main(
+    version_base="1.3",
+    config_path=str(Path(__file__).resolve().parent / "conf"),
+    config_name="config",
+)
 def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     try:

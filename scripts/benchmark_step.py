@@ -32,7 +32,13 @@ import train  # noqa: E402
 from importance_sampling.data import DataError, TensorDataset  # noqa: E402
 from importance_sampling.sampling import ImportanceSampler, UniformSampler  # noqa: E402
 
-PRESETS = ["fashion_mnist_mlp", "cifar10_wrn", "cifar100_wrn", "finetune_resnet", "pixel_mnist_lstm"]
+PRESETS = [
+    "fashion_mnist_mlp",
+    "cifar10_wrn",
+    "cifar100_wrn",
+    "finetune_resnet",
+    "pixel_mnist_lstm",
+]
 
 
 def compose(preset: str, scale: str, overrides: list[str]):
@@ -40,8 +46,16 @@ def compose(preset: str, scale: str, overrides: list[str]):
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", [f"experiment={preset}", f"scale={scale}",
-                                        "sampler=upper_bound", "trainer.progress=false", *overrides])
+        return hydra_compose(
+            "config",
+            [
+                f"experiment={preset}",
+                f"scale={scale}",
+                "sampler=upper_bound",
+                "trainer.progress=false",
+                *overrides,
+            ],
+        )
 
 
 def synthetic_like(cfg) -> TensorDataset:
@@ -59,9 +73,14 @@ def synthetic_like(cfg) -> TensorDataset:
     n = d.get("train_size") or 50_000
     n_test = d.get("test_size") or 1000
     g = torch.Generator().manual_seed(0)
-    return TensorDataset(f"synthetic_{target}", torch.randn(n, *shape, generator=g),
-                         torch.randint(0, classes, (n,), generator=g), torch.randn(n_test, *shape, generator=g),
-                         torch.randint(0, classes, (n_test,), generator=g), classes)
+    return TensorDataset(
+        f"synthetic_{target}",
+        torch.randn(n, *shape, generator=g),
+        torch.randint(0, classes, (n,), generator=g),
+        torch.randn(n_test, *shape, generator=g),
+        torch.randint(0, classes, (n_test,), generator=g),
+        classes,
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -106,7 +125,9 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
     def score():
         idx = importance.stream.take(B)
         with trainer.autocast():
-            importance.scores(trainer.forward, trainer.fetch(idx), trainer.data.train_y[idx], trainer.loss_fn)
+            importance.scores(
+                trainer.forward, trainer.fetch(idx), trainer.data.train_y[idx], trainer.loss_fn
+            )
 
     trainer.model.train()
     for fn in (uniform_step, score, is_step):  # warm-up (allocator, kernels, compile)
@@ -119,19 +140,37 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         times["is_step"].append(timed(is_step, trainer.device))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     ratio = med["is_step"] / (med["uniform"] + med["score"])
-    return {"preset": preset, "data": data.name, "b": b, "B": B, **med, "ratio": ratio,
-            "ok": ratio <= 1.10, "device": str(trainer.device)}
+    return {
+        "preset": preset,
+        "data": data.name,
+        "b": b,
+        "B": B,
+        **med,
+        "ratio": ratio,
+        "ok": ratio <= 1.10,
+        "device": str(trainer.device),
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--reps", type=int, default=30, help="timed repetitions of each measurement")
-    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
-                        help="fail when a dataset is missing instead of using random tensors")
+    parser.add_argument(
+        "--reps", type=int, default=30, help="timed repetitions of each measurement"
+    )
+    parser.add_argument(
+        "--no-synthetic",
+        dest="synthetic",
+        action="store_false",
+        help="fail when a dataset is missing instead of using random tensors",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the table as markdown here")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 device=cuda")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 device=cuda"
+    )
     args = parser.parse_args()
 
     rows = []
@@ -141,13 +180,17 @@ def main() -> int:
     for preset in args.presets:
         r = benchmark(preset, args.scale, args.reps, args.synthetic, args.overrides)
         rows.append(r)
-        line = (f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | {r['score']:.2f} | "
-                f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} |")
+        line = (
+            f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | {r['score']:.2f} | "
+            f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} |"
+        )
         lines.append(line)
         print(line, flush=True)
     device = rows[0]["device"] if rows else "?"
-    note = (f"\nscale={args.scale}, device={device}, torch threads={torch.get_num_threads()}, "
-            f"median of {args.reps} interleaved repetitions.")
+    note = (
+        f"\nscale={args.scale}, device={device}, torch threads={torch.get_num_threads()}, "
+        f"median of {args.reps} interleaved repetitions."
+    )
     print(note)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,13 @@ from importance_sampling.variance import (  # noqa: E402
 
 def train(run_dir: Path, every_rows: int, overrides: list[str]) -> None:
     """train.py with the measurement callback on, into ``run_dir`` (a normal run directory)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), f"variance.every_rows={every_rows}",
-           *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"variance.every_rows={every_rows}",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -67,9 +72,17 @@ def measure_checkpoint(run_dir: Path) -> None:
     sampler.setup(len(data.train_x), torch.Generator(device).manual_seed(0), device)
     sampler.load_state_dict(state["sampler"])  # for the trainer's tau at the checkpoint
     counters = state["counters"]
-    trainer = SimpleNamespace(model=model, data=data, sampler=sampler, loss_fn=cross_entropy,
-                              out_dir=run_dir, rows=[], step=counters["step"],
-                              samples=counters["samples"], train_time=counters["train_time"])
+    trainer = SimpleNamespace(
+        model=model,
+        data=data,
+        sampler=sampler,
+        loss_fn=cross_entropy,
+        out_dir=run_dir,
+        rows=[],
+        step=counters["step"],
+        samples=counters["samples"],
+        train_time=counters["train_time"],
+    )
     options = {k: v for k, v in cfg.get("variance", {}).items() if k != "every_rows"}
     VarianceCallback(**options).measure(trainer)
     print(f"measured the checkpoint at step {trainer.step}", flush=True)
@@ -86,17 +99,19 @@ def report(run_dir: Path, results: Path | None = None) -> str:
     fig = plot_variance(table, title)
     fig.savefig(run_dir / "variance_reduction.png", dpi=90)
     holds, by_step = ordering_holds(table), ordering_by_step(table)
-    text = "\n".join([
-        f"{run_dir.name}: {holds['points']} measurement points "
-        f"(B = {table.presample_size.iloc[0]}, b = {table.batch_size.iloc[0]})",
-        "median over measurement points (variance reduction = 1 - TrCov_q / TrCov_uniform):",
-        summarize(table).to_string(float_format=lambda v: f"{v:.4f}"),
-        f"gradient_norm >= upper_bound > loss > uniform in variance reduction at "
-        f"{100 * holds['variance']:.0f}% of the points; upper_bound closer than loss to the "
-        f"gradient-norm distribution (TV) at {100 * holds['distance']:.0f}%",
-        f"steps where the variance ordering fails: {list(by_step.index[~by_step.variance])}; "
-        f"where the distance ordering fails: {list(by_step.index[~by_step.distance])}",
-    ])
+    text = "\n".join(
+        [
+            f"{run_dir.name}: {holds['points']} measurement points "
+            f"(B = {table.presample_size.iloc[0]}, b = {table.batch_size.iloc[0]})",
+            "median over measurement points (variance reduction = 1 - TrCov_q / TrCov_uniform):",
+            summarize(table).to_string(float_format=lambda v: f"{v:.4f}"),
+            f"gradient_norm >= upper_bound > loss > uniform in variance reduction at "
+            f"{100 * holds['variance']:.0f}% of the points; upper_bound closer than loss to the "
+            f"gradient-norm distribution (TV) at {100 * holds['distance']:.0f}%",
+            f"steps where the variance ordering fails: {list(by_step.index[~by_step.variance])}; "
+            f"where the distance ordering fails: {list(by_step.index[~by_step.distance])}",
+        ]
+    )
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
         for name in ("variance.csv", "metrics.csv", "variance_reduction.png"):
@@ -113,8 +128,12 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="run directory (with --train: where to train)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (with --train)")
     parser.add_argument("--train", action="store_true", help="train a run with measurements first")
-    parser.add_argument("--every-rows", type=int, default=1,
-                        help="with --train: measure every this many metrics rows (default 1)")
+    parser.add_argument(
+        "--every-rows",
+        type=int,
+        default=1,
+        help="with --train: measure every this many metrics rows (default 1)",
+    )
     parser.add_argument("--results", type=Path, help="copy the tidy table, metrics and figure here")
     args = parser.parse_intermixed_args()
     if args.train:
@@ -123,8 +142,10 @@ def main() -> None:
         parser.error("overrides are for --train")
     if not (args.run_dir / "variance.csv").is_file():
         if not (args.run_dir / "checkpoint.pt").is_file():
-            parser.error(f"{args.run_dir} has neither variance.csv nor checkpoint.pt: train with "
-                         "variance.every_rows > 0 (or use --train)")
+            parser.error(
+                f"{args.run_dir} has neither variance.csv nor checkpoint.pt: train with "
+                "variance.every_rows > 0 (or use --train)"
+            )
         measure_checkpoint(args.run_dir)
     print(report(args.run_dir, args.results))
 

@@ -55,7 +55,9 @@ def test_history_sampler_resamples_from_the_table_with_unbiased_weights():
     s.setup(4, gen(), CPU)
     s.table.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 6.0]), step=0)
     # sample 3 unseen: it gets the mean of the others, (1 + 1 + 6) / 3
-    torch.testing.assert_close(s.table_scores(torch.arange(4)), torch.tensor([1.0, 1.0, 6.0, 8 / 3]))
+    torch.testing.assert_close(
+        s.table_scores(torch.arange(4)), torch.tensor([1.0, 1.0, 6.0, 8 / 3])
+    )
     s.switch.tau = 5.0
     batch = s.sample(None, torch.zeros(4, 1), torch.zeros(4), cross_entropy)
     total = 1 + 1 + 6 + 8 / 3
@@ -95,8 +97,14 @@ def test_selective_backprop_trains_on_full_batches_of_the_hardest():
 
     s = SelectiveBackpropSampler(batch_size=8, beta=3.0, history_size=64)
     s.setup(n, gen(), CPU)
-    kept = torch.cat([s.sample(Table(), torch.arange(n, dtype=torch.float32)[:, None], y, cross_entropy).indices
-                      for _ in range(30)])
+    kept = torch.cat(
+        [
+            s.sample(
+                Table(), torch.arange(n, dtype=torch.float32)[:, None], y, cross_entropy
+            ).indices
+            for _ in range(30)
+        ]
+    )
     assert len(kept) == 240 and kept.float().mean() < 0.4 * n  # mostly the low indices (high loss)
 
 
@@ -124,17 +132,26 @@ def test_auto_threshold_is_the_measured_cost_ratio():
     s._last_call = None
     s._measure_costs(None, torch.zeros(16, 1), torch.zeros(16, dtype=torch.long), cross_entropy)
     assert s.switch.threshold == pytest.approx((0.010 + 0.030) / 0.010)
-    assert s.metrics() == {"tau_threshold": pytest.approx(4.0), "cost_step_ms": pytest.approx(10.0),
-                           "cost_score_ms": pytest.approx(30.0)}
+    assert s.metrics() == {
+        "tau_threshold": pytest.approx(4.0),
+        "cost_step_ms": pytest.approx(10.0),
+        "cost_score_ms": pytest.approx(30.0),
+    }
 
 
 @pytest.mark.parametrize("sampler", ["online_batch", "history", "selective_backprop", "infobatch"])
 def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
     import train
 
-    cfg = compose(f"sampler={sampler}", "sampler.batch_size=32", "trainer.time_budget=null",
-                  "trainer.max_steps=60", "trainer.eval_every_seconds=null", "trainer.eval_every_steps=20",
-                  "trainer.progress=false")
+    cfg = compose(
+        f"sampler={sampler}",
+        "sampler.batch_size=32",
+        "trainer.time_budget=null",
+        "trainer.max_steps=60",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=20",
+        "trainer.progress=false",
+    )
     summary = train.run(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert summary["sampler"] == sampler and summary["step"] == 60
@@ -146,9 +163,15 @@ def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
 def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
     import train
 
-    cfg = compose("sampler.tau_threshold=auto", "sampler.batch_size=32", "trainer.time_budget=null",
-                  "trainer.max_steps=60", "trainer.eval_every_seconds=null", "trainer.eval_every_steps=20",
-                  "trainer.progress=false")
+    cfg = compose(
+        "sampler.tau_threshold=auto",
+        "sampler.batch_size=32",
+        "trainer.time_budget=null",
+        "trainer.max_steps=60",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=20",
+        "trainer.progress=false",
+    )
     train.run(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert {"tau_threshold", "cost_step_ms", "cost_score_ms"} <= set(rows[0])

@@ -39,8 +39,10 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_cifar(folder: Path, files: dict[str, int], label_key: bytes, classes: int, rng) -> None:
     folder.mkdir(parents=True)
     for name, n in files.items():
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 label_key: [i % classes for i in range(n)]}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: [i % classes for i in range(n)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 
@@ -58,20 +60,31 @@ def data_dir(tmp_path_factory):
     for split, n in (("train", 200), ("t10k", 50)):
         write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-    write_cifar(root / "cifar-10-batches-py", {**{f"data_batch_{i}": 40 for i in range(1, 6)},
-                                               "test_batch": 50}, b"labels", 10, rng)
+    write_cifar(
+        root / "cifar-10-batches-py",
+        {**{f"data_batch_{i}": 40 for i in range(1, 6)}, "test_batch": 50},
+        b"labels",
+        10,
+        rng,
+    )
     write_cifar(root / "cifar-100-python", {"train": 200, "test": 50}, b"fine_labels", 100, rng)
     (root / "svhn").mkdir()
     for split, n in (("train", 120), ("test", 30)):
-        savemat(root / "svhn" / f"{split}_32x32.mat",
-                {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                 "y": (np.arange(n) % 10 + 1).reshape(-1, 1)})  # labels 1..10, 10 is the digit 0
+        savemat(
+            root / "svhn" / f"{split}_32x32.mat",
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": (np.arange(n) % 10 + 1).reshape(-1, 1),
+            },
+        )  # labels 1..10, 10 is the digit 0
     for split, n in (("train", 64), ("test", 16)):
         for c in ("bedroom", "kitchen", "library", "office"):
             folder = root / "mit67" / split / c
             folder.mkdir(parents=True)
             for i in range(n // 4):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png"
+                )
     return root
 
 
@@ -110,13 +123,19 @@ def test_image_folder(data_dir):
     assert len(split.train_x) == 48 and torch.bincount(split.test_y).tolist() == [4, 4, 4, 4]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda d: mnist(d / "nothing"), "dataset=mnist dataset.download=true"),
-    (lambda d: cifar10(d / "nothing"), "dataset=cifar10 dataset.download=true"),
-    (lambda d: cifar100(d / "nothing"), "dataset=cifar100 dataset.download=true"),
-    (lambda d: svhn(d / "nothing"), "dataset=svhn dataset.download=true"),
-    (lambda d: image_folder(d / "nothing"), "set dataset.root to a folder of class sub-folders"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda d: mnist(d / "nothing"), "dataset=mnist dataset.download=true"),
+        (lambda d: cifar10(d / "nothing"), "dataset=cifar10 dataset.download=true"),
+        (lambda d: cifar100(d / "nothing"), "dataset=cifar100 dataset.download=true"),
+        (lambda d: svhn(d / "nothing"), "dataset=svhn dataset.download=true"),
+        (
+            lambda d: image_folder(d / "nothing"),
+            "set dataset.root to a folder of class sub-folders",
+        ),
+    ],
+)
 def test_missing_data_says_how_to_get_it(call, message, tmp_path):
     with pytest.raises(DataError, match=message.replace(".", r"\.")):
         call(tmp_path)
@@ -137,7 +156,10 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(RandomCropFlip(padding=0, flip=False)(x, gen), x)
     flipped = RandomCropFlip(padding=0, flip=True)(x.repeat(20, 1, 1, 1), gen)
-    kinds = {(torch.equal(f, o), torch.equal(f, o.flip(2))) for f, o in zip(flipped, x.repeat(20, 1, 1, 1), strict=True)}
+    kinds = {
+        (torch.equal(f, o), torch.equal(f, o.flip(2)))
+        for f, o in zip(flipped, x.repeat(20, 1, 1, 1), strict=True)
+    }
     assert kinds == {(True, False), (False, True)}  # both outcomes happen, nothing else
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for out, p in zip(RandomCropFlip(padding=2, flip=False)(x, gen), padded, strict=True):
@@ -145,13 +167,16 @@ def test_random_crop_flip_shifts_and_mirrors_each_image():
         assert any(torch.equal(out, w) for w in windows)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: MLP((1, 8, 8), 10), (1, 8, 8)),
-    (lambda: CNN((1, 8, 8), 10), (1, 8, 8)),
-    (lambda: WideResNet((3, 32, 32), 10, depth=10, widen_factor=1), (3, 32, 32)),
-    (lambda: TorchvisionResNet((3, 32, 32), 10, arch="resnet18", weights=None), (3, 32, 32)),
-    (lambda: LSTMClassifier((20, 1), 10, hidden_size=8), (20, 1)),
-])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: MLP((1, 8, 8), 10), (1, 8, 8)),
+        (lambda: CNN((1, 8, 8), 10), (1, 8, 8)),
+        (lambda: WideResNet((3, 32, 32), 10, depth=10, widen_factor=1), (3, 32, 32)),
+        (lambda: TorchvisionResNet((3, 32, 32), 10, arch="resnet18", weights=None), (3, 32, 32)),
+        (lambda: LSTMClassifier((20, 1), 10, hidden_size=8), (20, 1)),
+    ],
+)
 def test_upper_bound_of_every_model_equals_autograd_on_its_logits(make, shape):
     torch.manual_seed(0)
     model = make().eval()
@@ -182,15 +207,26 @@ def test_pretrained_weights_load_from_a_file_or_say_how_to_get_them(tmp_path, mo
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_trains_at_cpu_scale_with_every_sampler(preset, sampler, data_dir, compose, tmp_path, monkeypatch):
+def test_every_preset_trains_at_cpu_scale_with_every_sampler(
+    preset, sampler, data_dir, compose, tmp_path, monkeypatch
+):
     import train
 
     monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
-    cfg = compose(f"experiment={preset}", "scale=cpu", f"sampler={sampler}", "threads=2",
-                  "trainer.time_budget=null", "trainer.max_steps=4", "trainer.eval_every_steps=2",
-                  "trainer.eval_every_seconds=null", "trainer.progress=false",
-                  "trainer.train_eval_size=64", "dataset.test_size=32",
-                  *([] if sampler == "uniform" else ["sampler.tau_threshold=1", "sampler.tau_momentum=0"]))
+    cfg = compose(
+        f"experiment={preset}",
+        "scale=cpu",
+        f"sampler={sampler}",
+        "threads=2",
+        "trainer.time_budget=null",
+        "trainer.max_steps=4",
+        "trainer.eval_every_steps=2",
+        "trainer.eval_every_seconds=null",
+        "trainer.progress=false",
+        "trainer.train_eval_size=64",
+        "dataset.test_size=32",
+        *([] if sampler == "uniform" else ["sampler.tau_threshold=1", "sampler.tau_momentum=0"]),
+    )
     summary = train.run(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["step"] == 4
     if sampler != "uniform":
@@ -204,9 +240,22 @@ def test_benchmark_script_prints_the_three_timings(tmp_path):
     import sys
 
     out = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--presets",
-                           "pixel_mnist_lstm", "--reps", "2", "--out", str(out), "threads=1"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "IS_DATA_DIR": str(tmp_path / "none")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark_step.py"),
+            "--presets",
+            "pixel_mnist_lstm",
+            "--reps",
+            "2",
+            "--out",
+            str(out),
+            "threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "IS_DATA_DIR": str(tmp_path / "none")},
+    )
     assert proc.returncode in (0, 1), proc.stderr
     assert "| pixel_mnist_lstm | synthetic_pixel_mnist | 32 | 96 |" in out.read_text()

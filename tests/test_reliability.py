@@ -20,15 +20,27 @@ BAD_INPUTS = [
     (["model=transformer"], "Available options in 'model'"),
     (["dataset=imagenet"], "Could not find 'dataset/imagenet'"),
     (["optimizer=lbfgs"], "Could not find 'optimizer/lbfgs'"),
-    (["sampler.presample_size=16", "sampler.batch_size=32"], "presample_size (B=16) must be >= sampler.batch_size (b=32)"),
-    (["sampler.batch_size=5000"], "sampler.batch_size=5000 is larger than the training set (1437 samples)"),
-    (["sampler.presample_size=3000"], "sampler.presample_size=3000 is larger than the training set"),
+    (
+        ["sampler.presample_size=16", "sampler.batch_size=32"],
+        "presample_size (B=16) must be >= sampler.batch_size (b=32)",
+    ),
+    (
+        ["sampler.batch_size=5000"],
+        "sampler.batch_size=5000 is larger than the training set (1437 samples)",
+    ),
+    (
+        ["sampler.presample_size=3000"],
+        "sampler.presample_size=3000 is larger than the training set",
+    ),
     (["sampler.batch_size=0"], "sampler.batch_size must be >= 1"),
     (["sampler.tau_threshold=0.5"], "sampler.tau_threshold must be >= 1"),
     (["sampler.tau_momentum=1.0"], "sampler.tau_momentum must be in [0, 1), got 1.0"),
     (["sampler.tau_momentum=-0.5"], "sampler.tau_momentum must be in [0, 1), got -0.5"),
     (["sampler.tau_kind=cubic"], "sampler.tau_kind='cubic' is not one of variance, std"),
-    (["sampler.score=entropy"], "sampler.score='entropy' is not one of loss, upper_bound, gradient_norm"),
+    (
+        ["sampler.score=entropy"],
+        "sampler.score='entropy' is not one of loss, upper_bound, gradient_norm",
+    ),
     (["optimizer.lr=0"], "optimizer.lr must be > 0, got 0"),
     (["optimizer.lr=-0.1"], "optimizer: Invalid learning rate: -0.1"),
     (["trainer.time_budget=0"], "trainer.time_budget must be a number > 0, got 0"),
@@ -37,15 +49,24 @@ BAD_INPUTS = [
     (["trainer.max_steps=0"], "trainer.max_steps must be a number > 0"),
     (["trainer.eval_every_seconds=0"], "trainer.eval_every_seconds must be a number > 0"),
     (["trainer.eval_every_steps=-1"], "trainer.eval_every_steps must be a number > 0"),
-    (["trainer.time_budget=null"], "set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs"),
-    (["trainer.eval_every_seconds=null"], "set trainer.eval_every_seconds or trainer.eval_every_steps"),
+    (
+        ["trainer.time_budget=null"],
+        "set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs",
+    ),
+    (
+        ["trainer.eval_every_seconds=null"],
+        "set trainer.eval_every_seconds or trainer.eval_every_steps",
+    ),
     (["trainer.checkpoint_unit=hours"], "trainer.checkpoint_unit must be seconds or steps"),
     (["trainer.amp=maybe"], "trainer.amp must be auto, true or false"),
     (["trainer.warmup=3"], "Could not override 'trainer.warmup'"),
     (["device=cuda:7"], "device: cuda:7 was asked for"),
     (["threads=0"], "threads must be a positive integer or null, got 0"),
     (["model._target_=torch.nn.Linear"], "model: "),
-    (["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    (
+        ["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"],
+        "apt-get install dataset-fashion-mnist",
+    ),
 ]
 
 
@@ -56,8 +77,11 @@ def run_main(argv, tmp_path, monkeypatch, capsys):
     import train
 
     monkeypatch.setenv("IS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv, f"hydra.run.dir={tmp_path / 'run'}",
-                                      "trainer.progress=false"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["train.py", *argv, f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=false"],
+    )
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as exit_info:
         train.main()
@@ -65,8 +89,9 @@ def run_main(argv, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_fails_before_training_with_a_readable_message(argv, message, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_bad_input_fails_before_training_with_a_readable_message(
+    argv, message, tmp_path, monkeypatch, capsys
+):
     if "cuda" in argv[0] and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     code, err = run_main(argv, tmp_path, monkeypatch, capsys)
@@ -79,8 +104,12 @@ def test_bad_input_fails_before_training_with_a_readable_message(argv, message, 
 def test_corrupt_dataset_files_name_the_directory(tmp_path, monkeypatch, capsys):
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
     code, err = run_main(["dataset=fashion_mnist"], tmp_path, monkeypatch, capsys)
     assert code == 1 and "truncated or corrupt" in err and str(raw) in err
@@ -91,17 +120,26 @@ def test_model_whose_output_does_not_match_the_classes_is_rejected():
     from importance_sampling.data import digits
 
     with pytest.raises(train.ConfigError, match=r"output shape \(2, 7\) .* 10 classes"):
-        train.check_model_output(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)),
-                                 digits(), torch.device("cpu"))
+        train.check_model_output(
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)),
+            digits(),
+            torch.device("cpu"),
+        )
 
 
 def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_path):
     import train
     from importance_sampling.trainer import TrainingError, load_checkpoint
 
-    cfg = compose("optimizer.lr=1e6", "optimizer.momentum=0.99", "sampler=uniform",
-                  "trainer.time_budget=null", "trainer.max_steps=500", "trainer.eval_every_steps=1",
-                  "trainer.progress=false")
+    cfg = compose(
+        "optimizer.lr=1e6",
+        "optimizer.momentum=0.99",
+        "sampler=uniform",
+        "trainer.time_budget=null",
+        "trainer.max_steps=500",
+        "trainer.eval_every_steps=1",
+        "trainer.progress=false",
+    )
     with pytest.raises(TrainingError, match=r"the training loss is (nan|inf) at step \d+"):
         train.run(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -118,8 +156,14 @@ def test_non_finite_scores_stop_the_run(compose, tmp_path, monkeypatch):
     from importance_sampling.trainer import TrainingError
 
     monkeypatch.setattr(sampling, "upper_bound_scores", lambda *a: torch.full((384,), float("nan")))
-    cfg = compose("sampler.tau_threshold=1", "trainer.time_budget=null", "trainer.max_steps=200",
-                  "trainer.eval_every_steps=50", "trainer.progress=false", "sampler.tau_momentum=0")
+    cfg = compose(
+        "sampler.tau_threshold=1",
+        "trainer.time_budget=null",
+        "trainer.max_steps=200",
+        "trainer.eval_every_steps=50",
+        "trainer.progress=false",
+        "sampler.tau_momentum=0",
+    )
     with pytest.raises(TrainingError, match=r"importance scores are not finite at step \d+"):
         train.run(cfg, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
@@ -130,8 +174,13 @@ def test_all_equal_scores_fall_back_to_uniform_and_are_counted(compose, tmp_path
     from importance_sampling import sampling
 
     monkeypatch.setattr(sampling, "upper_bound_scores", lambda logits, *a: torch.ones(len(logits)))
-    cfg = compose("sampler.tau_threshold=1", "trainer.time_budget=null", "trainer.max_steps=30",
-                  "trainer.eval_every_steps=10", "trainer.progress=false")
+    cfg = compose(
+        "sampler.tau_threshold=1",
+        "trainer.time_budget=null",
+        "trainer.max_steps=30",
+        "trainer.eval_every_steps=10",
+        "trainer.progress=false",
+    )
     sampler = train.build(cfg.sampler, "sampler")
     sampler.switch.tau = 2.0  # on; equal scores then keep tau at 1 -> decays towards off
     summary = train.run(cfg, tmp_path)
@@ -141,12 +190,32 @@ def test_all_equal_scores_fall_back_to_uniform_and_are_counted(compose, tmp_path
 
 
 # ------------------------------------------------------------------ kill and resume
-COMMON = ["sampler=upper_bound", "sampler.batch_size=32", "sampler.tau_threshold=1.2", "threads=1",
-          "trainer.time_budget=null", "trainer.max_steps=6000", "trainer.eval_every_steps=500",
-          "trainer.eval_every_seconds=null", "trainer.checkpoint_every=1000",
-          "trainer.checkpoint_unit=steps", "trainer.progress=false"]
-COMPARED = ["step", "samples", "epoch", "train_loss", "train_error", "test_loss", "test_error",
-            "tau", "is_fraction", "scored", "fallbacks"]
+COMMON = [
+    "sampler=upper_bound",
+    "sampler.batch_size=32",
+    "sampler.tau_threshold=1.2",
+    "threads=1",
+    "trainer.time_budget=null",
+    "trainer.max_steps=6000",
+    "trainer.eval_every_steps=500",
+    "trainer.eval_every_seconds=null",
+    "trainer.checkpoint_every=1000",
+    "trainer.checkpoint_unit=steps",
+    "trainer.progress=false",
+]
+COMPARED = [
+    "step",
+    "samples",
+    "epoch",
+    "train_loss",
+    "train_error",
+    "test_loss",
+    "test_error",
+    "tau",
+    "is_fraction",
+    "scored",
+    "fallbacks",
+]
 
 
 def cli(run_dir: Path, *extra: str) -> list[str]:
@@ -164,9 +233,13 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     subprocess.run(cli(reference), env=env, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill it once a mid-run checkpoint exists
+    while (
+        time.time() < deadline and proc.poll() is None
+    ):  # kill it once a mid-run checkpoint exists
         if (killed / "checkpoint.pt").exists() and len(metrics(killed)) >= 4:
             break
         time.sleep(0.05)
@@ -176,8 +249,9 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     rows_at_kill = len(metrics(killed))
     assert rows_at_kill < len(metrics(reference))
 
-    resumed = subprocess.run(cli(killed, "trainer.resume=true"), env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        cli(killed, "trainer.resume=true"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(reference)
     assert json.loads((killed / "summary.json").read_text())["step"] == 6000
@@ -187,9 +261,15 @@ def test_checkpoint_loads_with_weights_only(compose, tmp_path):
     import train
     from importance_sampling.trainer import load_checkpoint
 
-    cfg = compose("trainer.time_budget=null", "trainer.max_steps=20", "trainer.eval_every_steps=10",
-                  "trainer.eval_every_seconds=null", "trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps",
-                  "trainer.progress=false")
+    cfg = compose(
+        "trainer.time_budget=null",
+        "trainer.max_steps=20",
+        "trainer.eval_every_steps=10",
+        "trainer.eval_every_seconds=null",
+        "trainer.checkpoint_every=10",
+        "trainer.checkpoint_unit=steps",
+        "trainer.progress=false",
+    )
     train.run(cfg, tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True inside
     assert state["counters"]["step"] == 20 and len(state["rows"]) == 3

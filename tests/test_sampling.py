@@ -65,14 +65,18 @@ def test_monte_carlo_gradient_of_the_weighted_loss_is_unbiased():
     probs = importance_probabilities(torch.tensor([0.5, 1, 2, 4, 0.2, 1], dtype=torch.float64))
     gen = torch.Generator().manual_seed(1)
     draws = [resample(probs, 2, gen) for _ in range(4000)]
-    mean = torch.stack([grad_of((w * cross_entropy(model(x[p]), y[p])).mean()) for p, w in draws]).mean(0)
+    mean = torch.stack(
+        [grad_of((w * cross_entropy(model(x[p]), y[p])).mean()) for p, w in draws]
+    ).mean(0)
     assert (mean - full).norm() < 0.03 * full.norm()
 
 
 def test_tau_matches_the_paper_formula_and_is_one_for_uniform_scores():
     g = importance_probabilities(torch.tensor([0.3, 1.0, 2.5, 0.1, 0.9], dtype=torch.float64))
     torch.testing.assert_close(equivalent_batch_increment(g), tau_as_written_in_the_paper(g))
-    torch.testing.assert_close(equivalent_batch_increment(g, "std"), tau_as_written_in_the_paper(g).sqrt())
+    torch.testing.assert_close(
+        equivalent_batch_increment(g, "std"), tau_as_written_in_the_paper(g).sqrt()
+    )
     uniform = importance_probabilities(torch.ones(7))
     assert equivalent_batch_increment(uniform).item() == pytest.approx(1.0)
     one_hot = importance_probabilities(torch.tensor([0.0, 0, 5, 0]))
@@ -111,14 +115,17 @@ def test_index_stream_is_a_permutation_per_epoch():
     assert len(stream.take(7)) == 7  # a new permutation once the old one is used up
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(batch_size=64, presample_size=32), "presample_size"),
-    (dict(tau_threshold=0.5), "tau_threshold"),
-    (dict(tau_momentum=1.0), "tau_momentum"),
-    (dict(score="entropy"), "score"),
-    (dict(tau_kind="cubic"), "tau_kind"),
-    (dict(batch_size=0), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=64, presample_size=32), "presample_size"),
+        (dict(tau_threshold=0.5), "tau_threshold"),
+        (dict(tau_momentum=1.0), "tau_momentum"),
+        (dict(score="entropy"), "score"),
+        (dict(tau_kind="cubic"), "tau_kind"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
 def test_invalid_sampler_options_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ImportanceSampler(**kwargs)

@@ -66,10 +66,13 @@ def per_sample_loop(model, x, y):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("make_model", [
-    lambda: MLP((1, 8, 8), 10, hidden_sizes=(16, 12)),
-    lambda: CNN((1, 8, 8), 10, channels=(4, 6), hidden_size=8),
-])
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: MLP((1, 8, 8), 10, hidden_sizes=(16, 12)),
+        lambda: CNN((1, 8, 8), 10, channels=(4, 6), hidden_size=8),
+    ],
+)
 def test_gradient_norms_match_a_per_sample_backward_loop(make_model):
     torch.manual_seed(0)
     model = make_model()
@@ -77,7 +80,9 @@ def test_gradient_norms_match_a_per_sample_backward_loop(make_model):
     expected = per_sample_loop(model, x, y)
     # chunk_size=5 splits the 13 samples into uneven chunks
     torch.testing.assert_close(per_sample_gradients(model, x, y, chunk_size=5), expected)
-    torch.testing.assert_close(gradient_norm_scores(model, x, y, chunk_size=5), expected.norm(dim=1))
+    torch.testing.assert_close(
+        gradient_norm_scores(model, x, y, chunk_size=5), expected.norm(dim=1)
+    )
 
 
 def test_upper_bound_orders_samples_like_the_last_layer_gradient():

@@ -308,7 +308,9 @@ def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
 
 
-def test_unreachable_wandb_degrades_to_offline_with_one_warning(compose, tmp_path, wandb_offline, monkeypatch):
+def test_unreachable_wandb_degrades_to_offline_with_one_warning(
+    compose, tmp_path, wandb_offline, monkeypatch
+):
     """Online mode without a network (or a login): one warning, the run is logged offline."""
     import wandb
 

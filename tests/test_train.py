@@ -11,8 +11,19 @@ from importance_sampling.trainer import METRICS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
-CONTRACT = ["step", "samples", "epoch", "train_time", "wall_time", "train_loss", "train_error",
-            "test_loss", "test_error", "tau", "is_fraction"]
+CONTRACT = [
+    "step",
+    "samples",
+    "epoch",
+    "train_time",
+    "wall_time",
+    "train_loss",
+    "train_error",
+    "test_loss",
+    "test_error",
+    "tau",
+    "is_fraction",
+]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -21,7 +32,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(
+        p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_")
+    )
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -29,8 +42,12 @@ def test_each_sampler_trains_on_digits_and_writes_the_contract(sampler, compose,
     import train
 
     cfg = compose(
-        f"sampler={sampler}", "trainer.time_budget=null", "trainer.max_steps=40",
-        "trainer.eval_every_seconds=null", "trainer.eval_every_steps=10", "trainer.progress=false",
+        f"sampler={sampler}",
+        "trainer.time_budget=null",
+        "trainer.max_steps=40",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=10",
+        "trainer.progress=false",
         "sampler.batch_size=32",
         # switch importance sampling on as soon as tau > 1 so the test exercises it
         *(["sampler.tau_threshold=1.0"] if sampler != "uniform" else []),
@@ -53,7 +70,9 @@ def test_each_sampler_trains_on_digits_and_writes_the_contract(sampler, compose,
 def test_time_budget_stops_the_run(compose, tmp_path):
     import train
 
-    cfg = compose("trainer.time_budget=1.5", "trainer.eval_every_seconds=0.5", "trainer.progress=false")
+    cfg = compose(
+        "trainer.time_budget=1.5", "trainer.eval_every_seconds=0.5", "trainer.progress=false"
+    )
     summary = train.run(cfg, tmp_path)
     assert 1.5 <= summary["train_time"] < 2.5
     times = [float(r["train_time"]) for r in read_metrics(tmp_path)]
@@ -72,15 +91,27 @@ def test_every_config_option_composes(group, compose):
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "IS_DATA_DIR": str(cwd / "data")}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("sampler=upper_bound", "model=cnn", "trainer.time_budget=null",
-                   "trainer.max_steps=15", "trainer.eval_every_steps=5", f"hydra.run.dir={run_dir}",
-                   cwd=tmp_path)
+    proc = run_cli(
+        "sampler=upper_bound",
+        "model=cnn",
+        "trainer.time_budget=null",
+        "trainer.max_steps=15",
+        "trainer.eval_every_steps=5",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "upper_bound on digits: 15 steps" in proc.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -88,13 +119,25 @@ def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 15
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sampler.presample_size=16", "sampler.batch_size=32"], "sampler: sampler.presample_size (B=16) must be >= sampler.batch_size"),
-    (["sampler.batch_size=5000"], "batch_size=5000 is larger than the training set (1437 samples)"),
-    (["sampler.tau_threshold=0.5"], "sampler.tau_threshold must be >= 1"),
-    (["trainer.time_budget=null"], "set at least one of trainer.time_budget"),
-    (["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["sampler.presample_size=16", "sampler.batch_size=32"],
+            "sampler: sampler.presample_size (B=16) must be >= sampler.batch_size",
+        ),
+        (
+            ["sampler.batch_size=5000"],
+            "batch_size=5000 is larger than the training set (1437 samples)",
+        ),
+        (["sampler.tau_threshold=0.5"], "sampler.tau_threshold must be >= 1"),
+        (["trainer.time_budget=null"], "set at least one of trainer.time_budget"),
+        (
+            ["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"],
+            "apt-get install dataset-fashion-mnist",
+        ),
+    ],
+)
 def test_bad_input_is_one_readable_line(args, message, tmp_path):
     proc = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 1

@@ -68,9 +68,11 @@ def test_closed_form_matches_monte_carlo(distribution):
     gen = torch.Generator().manual_seed(0)
     B, b, trials = 12, 4, 200_000
     v = torch.randn(B, 5, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, B)[:, None]
-    q = {"uniform": torch.full((B,), 1 / B, dtype=torch.float64),
-         "skewed": torch.rand(B, generator=gen, dtype=torch.float64) + 0.05,
-         "gradient_norm": v.norm(dim=1)}[distribution]
+    q = {
+        "uniform": torch.full((B,), 1 / B, dtype=torch.float64),
+        "skewed": torch.rand(B, generator=gen, dtype=torch.float64) + 0.05,
+        "gradient_norm": v.norm(dim=1),
+    }[distribution]
     q = q / q.sum()
     positions = torch.multinomial(q, trials * b, replacement=True, generator=gen).view(trials, b)
     weights = importance_weights(q, positions)  # the sampler's w_i = 1 / (B q_i)
@@ -155,9 +157,15 @@ def read_variance(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-SMALL_RUN = ["trainer.time_budget=null", "trainer.max_steps=20", "trainer.eval_every_seconds=null",
-             "trainer.eval_every_steps=5", "trainer.progress=false", "sampler.batch_size=32",
-             "sampler.tau_threshold=1.0"]
+SMALL_RUN = [
+    "trainer.time_budget=null",
+    "trainer.max_steps=20",
+    "trainer.eval_every_seconds=null",
+    "trainer.eval_every_steps=5",
+    "trainer.progress=false",
+    "sampler.batch_size=32",
+    "sampler.tau_threshold=1.0",
+]
 
 
 def test_callback_writes_variance_csv_at_its_cadence(compose, tmp_path):
@@ -183,8 +191,16 @@ def test_callback_is_off_by_default_and_measures_the_end_of_a_run(compose, tmp_p
 
     train.run(compose(*SMALL_RUN), tmp_path / "off")
     assert not (tmp_path / "off" / "variance.csv").exists()
-    train.run(compose(*SMALL_RUN, "trainer.max_steps=17", "variance.every_rows=3",
-                      "variance.presample_size=50", "variance.batch_size=10"), tmp_path / "on")
+    train.run(
+        compose(
+            *SMALL_RUN,
+            "trainer.max_steps=17",
+            "variance.every_rows=3",
+            "variance.presample_size=50",
+            "variance.batch_size=10",
+        ),
+        tmp_path / "on",
+    )
     rows = read_variance(tmp_path / "on")
     assert sorted({int(r["step"]) for r in rows}) == [0, 15, 17]  # rows 0 and 3, then the end
     assert {(r["presample_size"], r["batch_size"]) for r in rows} == {("50", "10")}
@@ -204,9 +220,21 @@ def script_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("script")
     env = {**os.environ, "IS_DATA_DIR": str(out / "data")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "variance_reduction.py"), "--train", str(out / "run"),
-         "--every-rows", "1", *SMALL_RUN],
-        cwd=out, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "variance_reduction.py"),
+            "--train",
+            str(out / "run"),
+            "--every-rows",
+            "1",
+            *SMALL_RUN,
+        ],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return out / "run", proc.stdout
 
@@ -227,12 +255,18 @@ def test_notebook_runs_on_a_small_run(script_run):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "strip outputs"
     os.environ["RUN_DIR"] = str(run_dir)
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3",
-                       resources={"metadata": {"path": str(run_dir)}}).execute()
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}
+        ).execute()
     finally:
         del os.environ["RUN_DIR"]
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 2
 
 
@@ -263,7 +297,11 @@ def test_a_resumed_run_keeps_the_measurements_up_to_its_checkpoint(compose, tmp_
 
     import train
 
-    every = ["trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps", "variance.every_rows=1"]
+    every = [
+        "trainer.checkpoint_every=10",
+        "trainer.checkpoint_unit=steps",
+        "variance.every_rows=1",
+    ]
     train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=10"), tmp_path)
     shutil.copy(tmp_path / "checkpoint.pt", tmp_path / "step10.pt")
     train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=15", "trainer.resume=true"), tmp_path)

@@ -65,8 +65,13 @@ class OnlineBatchSampler(Sampler):
 
     name = "online_batch"
 
-    def __init__(self, batch_size: int = 128, presample_size: int | None = None,
-                 selection_pressure: float = 100.0, resort_every: int = 1):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        presample_size: int | None = None,
+        selection_pressure: float = 100.0,
+        resort_every: int = 1,
+    ):
         super().__init__(batch_size)
         if selection_pressure < 1:
             raise ValueError(f"sampler.selection_pressure must be >= 1, got {selection_pressure}")
@@ -86,12 +91,20 @@ class OnlineBatchSampler(Sampler):
         if self.steps % self.resort_every == 0:
             self.order = rank_by_loss(self.table.values, self.generator)
         self.steps += 1
-        ranks = torch.multinomial(self.rank_probs, self.batch_size, replacement=False,
-                                  generator=self.generator)
+        ranks = torch.multinomial(
+            self.rank_probs, self.batch_size, replacement=False, generator=self.generator
+        )
         return Batch(self.order[ranks], importance=True)
 
-    def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
-                logits: Tensor, loss_fn: LossFn) -> None:
+    def observe(
+        self,
+        batch: Batch,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        logits: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         self.table.update(batch.indices, loss_scores(logits, targets, loss_fn), self.steps)
 
     def state_dict(self) -> dict:
@@ -128,19 +141,39 @@ class HistorySampler(ImportanceSampler):
     costs nothing, the default threshold is tau_th = 1.1 rather than the cost ratio.
     """
 
-    def __init__(self, score: str = "upper_bound", batch_size: int = 128,
-                 presample_size: int | None = None, tau_threshold: float | None = 1.1,
-                 tau_momentum: float = 0.9, tau_kind: str = "variance", smoothing: float = 0.0,
-                 staleness: int | None = None, score_chunk_size: int = 1024):
+    def __init__(
+        self,
+        score: str = "upper_bound",
+        batch_size: int = 128,
+        presample_size: int | None = None,
+        tau_threshold: float | None = 1.1,
+        tau_momentum: float = 0.9,
+        tau_kind: str = "variance",
+        smoothing: float = 0.0,
+        staleness: int | None = None,
+        score_chunk_size: int = 1024,
+    ):
         if score not in ("loss", "upper_bound"):
-            raise ValueError(f"sampler.score={score!r}: the history sampler keeps loss or upper_bound scores")
+            raise ValueError(
+                f"sampler.score={score!r}: the history sampler keeps loss or upper_bound scores"
+            )
         if tau_threshold == "auto":
-            raise ValueError("sampler.tau_threshold=auto measures the scoring forward, which the "
-                             "history sampler does not have: give a number (default 1.1)")
+            raise ValueError(
+                "sampler.tau_threshold=auto measures the scoring forward, which the "
+                "history sampler does not have: give a number (default 1.1)"
+            )
         if staleness is not None and staleness < 1:
             raise ValueError(f"sampler.staleness must be >= 1 step or null, got {staleness}")
-        super().__init__(score, batch_size, presample_size, tau_threshold, tau_momentum, tau_kind,
-                         smoothing, score_chunk_size)
+        super().__init__(
+            score,
+            batch_size,
+            presample_size,
+            tau_threshold,
+            tau_momentum,
+            tau_kind,
+            smoothing,
+            score_chunk_size,
+        )
         self.name = "history"
         self.staleness = staleness
         self.steps = 0
@@ -170,8 +203,15 @@ class HistorySampler(ImportanceSampler):
         positions, weights = resample(probs, self.batch_size, self.generator)
         return Batch(presample[positions], weights, importance=True)
 
-    def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
-                logits: Tensor, loss_fn: LossFn) -> None:
+    def observe(
+        self,
+        batch: Batch,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        logits: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         fn = loss_scores if self.score == "loss" else upper_bound_scores
         scores = fn(logits, targets, loss_fn)
         self.table.update(batch.indices, scores, self.steps)
@@ -195,14 +235,24 @@ class SelectiveBackpropSampler(Sampler):
 
     name = "selective_backprop"
 
-    def __init__(self, batch_size: int = 128, presample_size: int | None = None, beta: float = 1.0,
-                 history_size: int = 1024, score_chunk_size: int = 1024):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        presample_size: int | None = None,
+        beta: float = 1.0,
+        history_size: int = 1024,
+        score_chunk_size: int = 1024,
+    ):
         super().__init__(batch_size)
         if beta < 0:
             raise ValueError(f"sampler.beta must be >= 0, got {beta}")
         if history_size < 1:
             raise ValueError(f"sampler.history_size must be >= 1, got {history_size}")
-        self.beta, self.history_size, self.score_chunk_size = float(beta), int(history_size), int(score_chunk_size)
+        self.beta, self.history_size, self.score_chunk_size = (
+            float(beta),
+            int(history_size),
+            int(score_chunk_size),
+        )
 
     def setup(self, num_samples: int, generator: torch.Generator, device: torch.device) -> None:
         super().setup(num_samples, generator, device)
@@ -223,7 +273,9 @@ class SelectiveBackpropSampler(Sampler):
             with _eval_mode(model), torch.inference_mode():
                 losses = loss_scores(model(x), targets[candidates], loss_fn)
             self.scored += len(candidates)
-            keep = torch.rand(len(losses), generator=self.generator, device=losses.device) < self.keep_probability(losses)
+            keep = torch.rand(
+                len(losses), generator=self.generator, device=losses.device
+            ) < self.keep_probability(losses)
             self.history = torch.cat([self.history, losses])[-self.history_size :]
             kept_idx.append(candidates[keep])
             kept_x.append(x[keep])
@@ -248,8 +300,13 @@ class InfoBatchSampler(Sampler):
 
     name = "infobatch"
 
-    def __init__(self, batch_size: int = 128, presample_size: int | None = None,
-                 prune_ratio: float = 0.5, anneal: float = 0.875):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        presample_size: int | None = None,
+        prune_ratio: float = 0.5,
+        anneal: float = 0.875,
+    ):
         super().__init__(batch_size)
         if not 0 <= prune_ratio < 1:
             raise ValueError(f"sampler.prune_ratio must be in [0, 1), got {prune_ratio}")
@@ -273,7 +330,9 @@ class InfoBatchSampler(Sampler):
         if self.progress < self.anneal and not torch.isnan(losses).all():
             seen = ~torch.isnan(losses)
             well_learned = seen & (losses < losses[seen].mean())
-            dropped = well_learned & (torch.rand(n, generator=self.generator, device=weights.device) < self.prune_ratio)
+            dropped = well_learned & (
+                torch.rand(n, generator=self.generator, device=weights.device) < self.prune_ratio
+            )
             keep = ~dropped
             weights[well_learned] = 1.0 / (1.0 - self.prune_ratio)
         kept = keep.nonzero().squeeze(1)
@@ -291,16 +350,29 @@ class InfoBatchSampler(Sampler):
         weights = self.epoch_weights[sl]
         return Batch(self.epoch_order[sl], weights, importance=self.pruned > 0)
 
-    def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
-                logits: Tensor, loss_fn: LossFn) -> None:
+    def observe(
+        self,
+        batch: Batch,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        logits: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         self.table.update(batch.indices, loss_scores(logits, targets, loss_fn), 0)
 
     def metrics(self) -> dict[str, float]:
         return {"pruned": float(self.pruned)}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "table": self.table.state_dict(), "order": self.epoch_order,
-                "weights": self.epoch_weights, "cursor": self.cursor, "pruned": self.pruned}
+        return {
+            **super().state_dict(),
+            "table": self.table.state_dict(),
+            "order": self.epoch_order,
+            "weights": self.epoch_weights,
+            "cursor": self.cursor,
+            "pruned": self.pruned,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -54,8 +54,10 @@ class TensorDataset:
         )
 
     def __repr__(self) -> str:
-        return (f"{self.name}: {len(self.train_x)} train / {len(self.test_x)} test, "
-                f"inputs {self.input_shape}, {self.num_classes} classes")
+        return (
+            f"{self.name}: {len(self.train_x)} train / {len(self.test_x)} test, "
+            f"inputs {self.input_shape}, {self.num_classes} classes"
+        )
 
 
 def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,7 +70,9 @@ def _limit(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
     return (x, y) if n is None else (x[:n], y[:n])
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None) -> TensorDataset:
+def digits(
+    test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None
+) -> TensorDataset:
     """scikit-learn's bundled handwritten digits: 1,797 8x8 grey images, 10 classes, no download.
 
     Split into train/test with a fixed stratified split (``test_fraction``, ``seed``).
@@ -173,20 +177,33 @@ def _standardise_channels(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tens
     return (train_x - mean) / std, (test_x - mean) / std
 
 
-def _make(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
-          train_size: int | None, test_size: int | None, augment=None) -> TensorDataset:
+def _make(
+    name: str,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    train_size: int | None,
+    test_size: int | None,
+    augment=None,
+) -> TensorDataset:
     (train_x, train_y), (test_x, test_y) = _limit(*train, train_size), _limit(*test, test_size)
     return TensorDataset(name, train_x, train_y, test_x, test_y, num_classes, augment)
 
 
 def _missing(name: str, where: Path, dataset: str) -> DataError:
-    return DataError(f"{name} is not in {where}. Download it (needs internet) with:\n"
-                     f"  python train.py dataset={dataset} dataset.download=true\n"
-                     f"or set data_dir (or IS_DATA_DIR) to a directory that holds it.")
+    return DataError(
+        f"{name} is not in {where}. Download it (needs internet) with:\n"
+        f"  python train.py dataset={dataset} dataset.download=true\n"
+        f"or set data_dir (or IS_DATA_DIR) to a directory that holds it."
+    )
 
 
-def mnist(data_dir: str | Path, download: bool = False, train_size: int | None = None,
-          test_size: int | None = None) -> TensorDataset:
+def mnist(
+    data_dir: str | Path,
+    download: bool = False,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> TensorDataset:
     """MNIST (60k/10k 28x28 digits) through torchvision's MNIST, from ``data_dir/MNIST/raw``."""
     from torchvision.datasets import MNIST
 
@@ -195,18 +212,37 @@ def mnist(data_dir: str | Path, download: bool = False, train_size: int | None =
     if not download and not all((raw / n).is_file() for n in IDX_FILES):
         raise _missing("MNIST", raw, "mnist")
     try:
-        train, test = MNIST(root, train=True, download=download), MNIST(root, train=False, download=download)
+        train, test = (
+            MNIST(root, train=True, download=download),
+            MNIST(root, train=False, download=download),
+        )
     except (RuntimeError, ValueError, AssertionError, OSError) as e:
-        raise DataError(f"could not read MNIST from {raw} ({type(e).__name__}: {e}). The files may "
-                        f"be truncated or corrupt: delete {raw} and download again.") from e
-    train_x, test_x = _standardise(train.data.float().unsqueeze(1) / 255, test.data.float().unsqueeze(1) / 255)
-    return _make("mnist", (train_x, train.targets.long()), (test_x, test.targets.long()), 10,
-                 train_size, test_size)
+        raise DataError(
+            f"could not read MNIST from {raw} ({type(e).__name__}: {e}). The files may "
+            f"be truncated or corrupt: delete {raw} and download again."
+        ) from e
+    train_x, test_x = _standardise(
+        train.data.float().unsqueeze(1) / 255, test.data.float().unsqueeze(1) / 255
+    )
+    return _make(
+        "mnist",
+        (train_x, train.targets.long()),
+        (test_x, test.targets.long()),
+        10,
+        train_size,
+        test_size,
+    )
 
 
-def pixel_mnist(data_dir: str | Path, download: bool = False, permute: bool = False,
-                permutation_seed: int = 0, downsample: int = 1, train_size: int | None = None,
-                test_size: int | None = None) -> TensorDataset:
+def pixel_mnist(
+    data_dir: str | Path,
+    download: bool = False,
+    permute: bool = False,
+    permutation_seed: int = 0,
+    downsample: int = 1,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> TensorDataset:
     """MNIST as pixel sequences for recurrent models: inputs (n, L, 1) with L = (28/downsample)^2
     (784 pixels by default), optionally in a fixed random order (permuted pixel MNIST)."""
     data = mnist(data_dir, download, train_size, test_size)
@@ -218,7 +254,9 @@ def pixel_mnist(data_dir: str | Path, download: bool = False, permute: bool = Fa
 
     train_x, test_x = to_sequence(data.train_x), to_sequence(data.test_x)
     if permute:
-        order = torch.randperm(train_x.shape[1], generator=torch.Generator().manual_seed(permutation_seed))
+        order = torch.randperm(
+            train_x.shape[1], generator=torch.Generator().manual_seed(permutation_seed)
+        )
         train_x, test_x = train_x[:, order], test_x[:, order]
     name = "permuted_pixel_mnist" if permute else "pixel_mnist"
     return TensorDataset(name, train_x, data.train_y, test_x, data.test_y, 10)
@@ -236,12 +274,24 @@ def _read_cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tup
     return torch.cat(xs).float() / 255, torch.cat(ys)
 
 
-def _cifar(num_classes: int, data_dir: str | Path, download: bool, train_size: int | None,
-           test_size: int | None, augment: bool) -> TensorDataset:
+def _cifar(
+    num_classes: int,
+    data_dir: str | Path,
+    download: bool,
+    train_size: int | None,
+    test_size: int | None,
+    augment: bool,
+) -> TensorDataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, folder_name, train_files, test_files, label_key = {
-        10: (CIFAR10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+        10: (
+            CIFAR10,
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+        ),
         100: (CIFAR100, "cifar-100-python", ["train"], ["test"], b"fine_labels"),
     }[num_classes]
     root = Path(data_dir).expanduser()
@@ -255,28 +305,51 @@ def _cifar(num_classes: int, data_dir: str | Path, download: bool, train_size: i
         train = _read_cifar_batches(folder, train_files, label_key)
         test = _read_cifar_batches(folder, test_files, label_key)
     except Exception as e:  # pickle raises many types on a truncated file
-        raise DataError(f"could not read CIFAR-{num_classes} from {folder} ({type(e).__name__}: {e}). "
-                        f"The files may be truncated or corrupt: delete {folder} and download again.") from e
+        raise DataError(
+            f"could not read CIFAR-{num_classes} from {folder} ({type(e).__name__}: {e}). "
+            f"The files may be truncated or corrupt: delete {folder} and download again."
+        ) from e
     train_x, test_x = _standardise_channels(train[0], test[0])
-    return _make(name, (train_x, train[1]), (test_x, test[1]), num_classes, train_size, test_size,
-                 RandomCropFlip(4) if augment else None)
+    return _make(
+        name,
+        (train_x, train[1]),
+        (test_x, test[1]),
+        num_classes,
+        train_size,
+        test_size,
+        RandomCropFlip(4) if augment else None,
+    )
 
 
-def cifar10(data_dir: str | Path, download: bool = False, train_size: int | None = None,
-            test_size: int | None = None, augment: bool = True) -> TensorDataset:
+def cifar10(
+    data_dir: str | Path,
+    download: bool = False,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    augment: bool = True,
+) -> TensorDataset:
     """CIFAR-10 (50k/10k 32x32 colour images) from torchvision's python pickles in
     ``data_dir/cifar-10-batches-py``; ``augment``: random crop (padding 4) and flip."""
     return _cifar(10, data_dir, download, train_size, test_size, augment)
 
 
-def cifar100(data_dir: str | Path, download: bool = False, train_size: int | None = None,
-             test_size: int | None = None, augment: bool = True) -> TensorDataset:
+def cifar100(
+    data_dir: str | Path,
+    download: bool = False,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    augment: bool = True,
+) -> TensorDataset:
     """CIFAR-100 (fine labels) from ``data_dir/cifar-100-python``; as ``cifar10``."""
     return _cifar(100, data_dir, download, train_size, test_size, augment)
 
 
-def svhn(data_dir: str | Path, download: bool = False, train_size: int | None = None,
-         test_size: int | None = None) -> TensorDataset:
+def svhn(
+    data_dir: str | Path,
+    download: bool = False,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> TensorDataset:
     """SVHN (73,257/26,032 32x32 house-number digits) from torchvision's .mat files in
     ``data_dir/svhn`` (label 10 in the files is the digit 0)."""
     from scipy.io import loadmat
@@ -294,21 +367,38 @@ def svhn(data_dir: str | Path, download: bool = False, train_size: int | None = 
         try:
             mat = loadmat(path)
         except Exception as e:
-            raise DataError(f"could not read {path} ({type(e).__name__}: {e}). The file may be "
-                            f"truncated or corrupt: delete it and download again.") from e
-        x = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1).float() / 255  # (32, 32, 3, n) -> (n, 3, 32, 32)
+            raise DataError(
+                f"could not read {path} ({type(e).__name__}: {e}). The file may be "
+                f"truncated or corrupt: delete it and download again."
+            ) from e
+        x = (
+            torch.as_tensor(mat["X"]).permute(3, 2, 0, 1).float() / 255
+        )  # (32, 32, 3, n) -> (n, 3, 32, 32)
         splits[split] = (x, torch.as_tensor(mat["y"].reshape(-1).astype("int64")) % 10)
     train_x, test_x = _standardise_channels(splits["train"][0], splits["test"][0])
-    return _make("svhn", (train_x, splits["train"][1]), (test_x, splits["test"][1]), 10,
-                 train_size, test_size)
+    return _make(
+        "svhn",
+        (train_x, splits["train"][1]),
+        (test_x, splits["test"][1]),
+        10,
+        train_size,
+        test_size,
+    )
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def image_folder(root: str | Path, test_root: str | Path | None = None, image_size: int = 224,
-                 test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None,
-                 test_size: int | None = None, augment: bool = True) -> TensorDataset:
+def image_folder(
+    root: str | Path,
+    test_root: str | Path | None = None,
+    image_size: int = 224,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    augment: bool = True,
+) -> TensorDataset:
     """Any folder of class sub-folders (``root/<class>/<image>``), e.g. MIT67 indoor scenes, loaded
     once into memory at ``image_size`` (resize + centre crop) with ImageNet normalisation (for
     pretrained networks). Test split: ``test_root`` with the same classes, or a stratified
@@ -318,10 +408,18 @@ def image_folder(root: str | Path, test_root: str | Path | None = None, image_si
 
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist: set dataset.root to a folder of "
-                        f"class sub-folders (root/<class>/<image>)")
-    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        raise DataError(
+            f"image folder {root} does not exist: set dataset.root to a folder of "
+            f"class sub-folders (root/<class>/<image>)"
+        )
+    tf = transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     def load(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
         try:
@@ -340,8 +438,19 @@ def image_folder(root: str | Path, test_root: str | Path | None = None, image_si
     else:
         from sklearn.model_selection import train_test_split
 
-        train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=test_fraction,
-                                               random_state=seed, stratify=y.numpy())
+        train_idx, test_idx = train_test_split(
+            torch.arange(len(y)).numpy(),
+            test_size=test_fraction,
+            random_state=seed,
+            stratify=y.numpy(),
+        )
         train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
-    return _make(root.name, (train_x, train_y), (test_x, test_y), len(classes), train_size, test_size,
-                 RandomCropFlip(image_size // 8) if augment else None)
+    return _make(
+        root.name,
+        (train_x, train_y),
+        (test_x, test_y),
+        len(classes),
+        train_size,
+        test_size,
+        RandomCropFlip(image_size // 8) if augment else None,
+    )

@@ -40,7 +40,9 @@ def importance_probabilities(scores: Tensor, smoothing: float = 0.0) -> Tensor:
     uniform distribution (every weight is then 1). Non-finite or negative scores raise.
     """
     scores = scores.float() + smoothing
-    total, lowest = (float(v) for v in torch.stack([scores.sum(), scores.min()]).tolist())  # one sync
+    total, lowest = (
+        float(v) for v in torch.stack([scores.sum(), scores.min()]).tolist()
+    )  # one sync
     if not math.isfinite(total):
         bad = (~torch.isfinite(scores)).sum().item()
         raise NonFiniteScoresError(f"{bad} of {len(scores)} importance scores are NaN or infinite")
@@ -190,8 +192,15 @@ class Sampler:
         as a function from indices to inputs; ``targets``: all training targets."""
         return Batch(self.stream.take(self.batch_size))
 
-    def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
-                logits: Tensor, loss_fn: LossFn) -> None:
+    def observe(
+        self,
+        batch: Batch,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        logits: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         """See the step's forward pass (``inputs``, ``targets``, ``logits``: the batch's)."""
 
     def metrics(self) -> dict[str, float]:
@@ -289,8 +298,14 @@ class ImportanceSampler(Sampler):
                 f"({num_samples} samples)"
             )
 
-    def scores(self, model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,
-               logits: Tensor | None = None) -> Tensor:
+    def scores(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        logits: Tensor | None = None,
+    ) -> Tensor:
         """Scores of a set of points, shape (n,). ``logits`` from a forward already done are reused
         by the loss and upper-bound scores; otherwise one forward pass (eval mode, no autograd)."""
         if self.score == "gradient_norm":
@@ -298,8 +313,12 @@ class ImportanceSampler(Sampler):
                 return gradient_norm_scores(model, inputs, targets, loss_fn, self.score_chunk_size)
         if logits is None:
             with _eval_mode(model), torch.inference_mode():
-                logits = torch.cat([model(inputs[i : i + self.score_chunk_size])
-                                    for i in range(0, len(inputs), self.score_chunk_size)])
+                logits = torch.cat(
+                    [
+                        model(inputs[i : i + self.score_chunk_size])
+                        for i in range(0, len(inputs), self.score_chunk_size)
+                    ]
+                )
         fn = loss_scores if self.score == "loss" else upper_bound_scores
         return fn(logits, targets, loss_fn)
 
@@ -324,8 +343,15 @@ class ImportanceSampler(Sampler):
         positions, weights = resample(probs, self.batch_size, self.generator)
         return Batch(presample[positions], weights, importance=True, inputs=x[positions])
 
-    def observe(self, batch: Batch, model: nn.Module, inputs: Tensor, targets: Tensor,
-                logits: Tensor, loss_fn: LossFn) -> None:
+    def observe(
+        self,
+        batch: Batch,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        logits: Tensor,
+        loss_fn: LossFn,
+    ) -> None:
         """After a uniform step, its own b points give the next tau_hat (Algorithm 1, line 15)."""
         if batch.importance:
             return
@@ -343,7 +369,9 @@ class ImportanceSampler(Sampler):
         times.append(time.perf_counter() - start)
         del times[: -self.AUTO_WINDOW]
 
-    def _measure_costs(self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn) -> None:
+    def _measure_costs(
+        self, model: nn.Module, inputs: Inputs, targets: Tensor, loss_fn: LossFn
+    ) -> None:
         """Time uniform steps (between consecutive calls) and, once, a scoring probe; then set the
         switch's threshold to the measured cost ratio of an importance step to a uniform one."""
         if self._last_call is not None and self._last_was_uniform:
@@ -356,19 +384,29 @@ class ImportanceSampler(Sampler):
             self._record(self.score_times, start, result)
             self._last_call = time.perf_counter()  # the probe is not part of the next step's time
         if self.step_times and self.score_times:
-            t_step, t_score = statistics.median(self.step_times), statistics.median(self.score_times)
+            t_step, t_score = (
+                statistics.median(self.step_times),
+                statistics.median(self.score_times),
+            )
             self.switch.threshold = (t_step + t_score) / t_step
 
     def metrics(self) -> dict[str, float]:
         if not self.auto_threshold:
             return {}
         median = lambda t: 1000 * statistics.median(t) if t else float("nan")  # noqa: E731
-        return {"tau_threshold": self.switch.threshold, "cost_step_ms": median(self.step_times),
-                "cost_score_ms": median(self.score_times)}
+        return {
+            "tau_threshold": self.switch.threshold,
+            "cost_step_ms": median(self.step_times),
+            "cost_score_ms": median(self.score_times),
+        }
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "switch": self.switch.state_dict(), "scored": self.scored,
-                "fallbacks": self.fallbacks}
+        return {
+            **super().state_dict(),
+            "switch": self.switch.state_dict(),
+            "scored": self.scored,
+            "fallbacks": self.fallbacks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

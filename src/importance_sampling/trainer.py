@@ -30,27 +30,28 @@ from .sampling import NonFiniteScoresError, Sampler
 from .scores import LossFn, cross_entropy
 
 METRICS_COLUMNS = (
-    "step",          # optimizer steps so far
-    "samples",       # training points back-propagated so far (b per step)
-    "epoch",         # samples / training-set size
-    "train_time",    # seconds in training steps, scoring included, evaluation excluded
-    "wall_time",     # seconds since fit() started, evaluation included
-    "train_loss",    # unweighted mean loss over the train-eval set (see Trainer.train_eval_size)
-    "train_error",   # its classification error
+    "step",  # optimizer steps so far
+    "samples",  # training points back-propagated so far (b per step)
+    "epoch",  # samples / training-set size
+    "train_time",  # seconds in training steps, scoring included, evaluation excluded
+    "wall_time",  # seconds since fit() started, evaluation included
+    "train_loss",  # unweighted mean loss over the train-eval set (see Trainer.train_eval_size)
+    "train_error",  # its classification error
     "test_loss",
     "test_error",
-    "tau",           # the sampler's moving average of the equivalent batch-size increment
-    "is_fraction",   # share of steps since the previous row that used importance sampling
-    "scored",        # points scored by the sampler so far (presample forwards)
-    "fallbacks",     # importance steps whose scores were all equal or zero (so a uniform step)
+    "tau",  # the sampler's moving average of the equivalent batch-size increment
+    "is_fraction",  # share of steps since the previous row that used importance sampling
+    "scored",  # points scored by the sampler so far (presample forwards)
+    "fallbacks",  # importance steps whose scores were all equal or zero (so a uniform step)
 )  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 
-def lr_factor(schedule: str, progress: float, milestones: Sequence[float] = (0.5, 0.8),
-              gamma: float = 0.2) -> float:
+def lr_factor(
+    schedule: str, progress: float, milestones: Sequence[float] = (0.5, 0.8), gamma: float = 0.2
+) -> float:
     """Multiplier of the base learning rate at ``progress`` in [0, 1] of the budget."""
     if schedule == "step":
         return gamma ** sum(progress >= m for m in milestones)
@@ -102,14 +103,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and (
         not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
     ):
-        raise ValueError(f"{device} was asked for, but this machine has "
-                         f"{torch.cuda.device_count()} CUDA devices (use device=auto or cpu)")
+        raise ValueError(
+            f"{device} was asked for, but this machine has "
+            f"{torch.cuda.device_count()} CUDA devices (use device=auto or cpu)"
+        )
     return resolved
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = cross_entropy,
-             batch_size: int = 4096, autocast: Callable = nullcontext) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn = cross_entropy,
+    batch_size: int = 4096,
+    autocast: Callable = nullcontext,
+) -> tuple[float, float]:
     """Mean per-sample loss and classification error of ``model`` on (x, y), in eval mode."""
     was_training = model.training
     model.eval()
@@ -182,26 +191,42 @@ class Trainer:
         check_finite: str = "auto",
         callbacks: Sequence[Callback] = (),
     ):
-        for name, value in [("time_budget", time_budget), ("max_steps", max_steps),
-                            ("max_epochs", max_epochs), ("eval_every_seconds", eval_every_seconds),
-                            ("eval_every_steps", eval_every_steps), ("train_eval_size", train_eval_size),
-                            ("eval_batch_size", eval_batch_size), ("checkpoint_every", checkpoint_every)]:
+        for name, value in [
+            ("time_budget", time_budget),
+            ("max_steps", max_steps),
+            ("max_epochs", max_epochs),
+            ("eval_every_seconds", eval_every_seconds),
+            ("eval_every_steps", eval_every_steps),
+            ("train_eval_size", train_eval_size),
+            ("eval_batch_size", eval_batch_size),
+            ("checkpoint_every", checkpoint_every),
+        ]:
             _check(name, value, allow_none=name != "eval_batch_size")
         if time_budget is None and max_steps is None and max_epochs is None:
-            raise ValueError("set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs")
+            raise ValueError(
+                "set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs"
+            )
         if eval_every_seconds is None and eval_every_steps is None:
             raise ValueError("set trainer.eval_every_seconds or trainer.eval_every_steps")
         if checkpoint_unit not in ("seconds", "steps"):
-            raise ValueError(f"trainer.checkpoint_unit must be seconds or steps, got {checkpoint_unit!r}")
+            raise ValueError(
+                f"trainer.checkpoint_unit must be seconds or steps, got {checkpoint_unit!r}"
+            )
         if amp not in ("auto", True, False):
             raise ValueError(f"trainer.amp must be auto, true or false, got {amp!r}")
         if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+            raise ValueError(
+                f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
+            )
         if not all(0 < m < 1 for m in lr_milestones) or not 0 < lr_gamma <= 1:
-            raise ValueError("trainer.lr_milestones must be fractions in (0, 1) of the budget and "
-                             f"trainer.lr_gamma in (0, 1], got {list(lr_milestones)} and {lr_gamma}")
+            raise ValueError(
+                "trainer.lr_milestones must be fractions in (0, 1) of the budget and "
+                f"trainer.lr_gamma in (0, 1], got {list(lr_milestones)} and {lr_gamma}"
+            )
         if check_finite not in ("auto", "step", "row"):
-            raise ValueError(f"trainer.check_finite must be auto, step or row, got {check_finite!r}")
+            raise ValueError(
+                f"trainer.check_finite must be auto, step or row, got {check_finite!r}"
+            )
         self.device = torch.device(device)
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.data = data.to(self.device)
@@ -209,12 +234,22 @@ class Trainer:
         self.time_budget, self.max_steps, self.max_epochs = time_budget, max_steps, max_epochs
         self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
         self.eval_batch_size, self.progress = eval_batch_size, progress
-        self.checkpoint_every, self.checkpoint_unit, self.resume = checkpoint_every, checkpoint_unit, resume
+        self.checkpoint_every, self.checkpoint_unit, self.resume = (
+            checkpoint_every,
+            checkpoint_unit,
+            resume,
+        )
         self.callbacks = list(callbacks)
-        self.lr_schedule, self.lr_milestones, self.lr_gamma = lr_schedule, tuple(lr_milestones), lr_gamma
+        self.lr_schedule, self.lr_milestones, self.lr_gamma = (
+            lr_schedule,
+            tuple(lr_milestones),
+            lr_gamma,
+        )
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         on_cuda = self.device.type == "cuda"
-        self.check_finite_every_step = check_finite == "step" or (check_finite == "auto" and not on_cuda)
+        self.check_finite_every_step = check_finite == "step" or (
+            check_finite == "auto" and not on_cuda
+        )
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)
         if (channels_last == "auto" and on_cuda) or channels_last is True:
             self.model.to(memory_format=torch.channels_last)
@@ -225,11 +260,15 @@ class Trainer:
         self.forward = torch.compile(model) if compile else model
         use_amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
         self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if use_amp
+            else nullcontext
         )
         self.generator = torch.Generator(self.device).manual_seed(seed)
         n = len(self.data.train_x)
-        subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: train_eval_size or n]
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
+            : train_eval_size or n
+        ]
         self.train_eval_idx = subset.sort().values.to(self.device)
         self.sampler.setup(n, self.generator, self.device)
         # Counters; with the model, optimizer, sampler and generators they are the state of a run.
@@ -256,8 +295,10 @@ class Trainer:
             loss = losses.mean() if batch.weights is None else (batch.weights * losses).mean()
         if self.check_finite_every_step:
             if not torch.isfinite(loss):  # before the update: the model is the last good state
-                raise TrainingError(f"the training loss is {loss.item()} at step {self.step + 1}: "
-                                    "the run diverged (lower the learning rate?)")
+                raise TrainingError(
+                    f"the training loss is {loss.item()} at step {self.step + 1}: "
+                    "the run diverged (lower the learning rate?)"
+                )
         else:  # no host synchronisation: checked at the next metrics row
             self._finite &= torch.isfinite(loss)
         with self.autocast():
@@ -283,9 +324,12 @@ class Trainer:
             self._rewrite_metrics()
         elif not self.rows:
             self._log_row()
-        bar = tqdm(total=self._bar_total(), disable=not self.progress,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-                   desc=f"{self.sampler.name}")
+        bar = tqdm(
+            total=self._bar_total(),
+            disable=not self.progress,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+            desc=f"{self.sampler.name}",
+        )
         self._update_bar(bar, self.rows[-1])
         try:
             self.model.train()
@@ -299,9 +343,11 @@ class Trainer:
                         torch.cuda.synchronize()  # count queued GPU work in this interval
                     self.train_time += time.perf_counter() - interval_start
                     if not self.check_finite_every_step and not self._finite.item():
-                        raise TrainingError(f"the training loss was not finite between step "
-                                            f"{self.rows[-1]['step']} and step {self.step}: the run "
-                                            "diverged (lower the learning rate?)")
+                        raise TrainingError(
+                            f"the training loss was not finite between step "
+                            f"{self.rows[-1]['step']} and step {self.step}: the run "
+                            "diverged (lower the learning rate?)"
+                        )
                     if self.steps_since_row or not done:
                         row = self._log_row()
                         self._update_bar(bar, row)
@@ -312,12 +358,18 @@ class Trainer:
                     interval_start = time.perf_counter()
                 self.train_step()
         except (TrainingError, NonFiniteScoresError) as e:
-            status, error = "failed", str(e) if isinstance(e, TrainingError) else \
-                f"importance scores are not finite at step {self.step + 1} ({e})"
-            self.train_time += time.perf_counter() - interval_start
-            self.save()  # the last good state, to inspect or to resume with other settings
-            raise TrainingError(f"{error}; metrics so far and the last good state are in "
-                                f"{self.out_dir}") from None
+            status, error = (
+                "failed",
+                str(e)
+                if isinstance(e, TrainingError)
+                else f"importance scores are not finite at step {self.step + 1} ({e})",
+            )
+            if all(torch.isfinite(p).all() for p in self.model.parameters()):
+                self.save()  # the last good state, to inspect or to resume with other settings
+                kept = "metrics so far and the last good state (checkpoint.pt) are in"
+            else:  # checked at rows (CUDA): the parameters are already corrupt, keep the old checkpoint
+                kept = "metrics so far (and the last checkpoint, if any) are in"
+            raise TrainingError(f"{error}; {kept} {self.out_dir}") from None
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
             raise
@@ -330,7 +382,10 @@ class Trainer:
         return (
             (self.time_budget is not None and elapsed >= self.time_budget)
             or (self.max_steps is not None and self.step >= self.max_steps)
-            or (self.max_epochs is not None and self.samples >= self.max_epochs * len(self.data.train_x))
+            or (
+                self.max_epochs is not None
+                and self.samples >= self.max_epochs * len(self.data.train_x)
+            )
         )
 
     def _progress(self, elapsed: float) -> float:
@@ -355,9 +410,10 @@ class Trainer:
     def _row_due(self, elapsed: float) -> bool:
         last = self.rows[-1]
         return (
-            (self.eval_every_steps is not None and self.step - last["step"] >= self.eval_every_steps)
-            or (self.eval_every_seconds is not None
-                and elapsed - last["train_time"] >= self.eval_every_seconds)
+            self.eval_every_steps is not None and self.step - last["step"] >= self.eval_every_steps
+        ) or (
+            self.eval_every_seconds is not None
+            and elapsed - last["train_time"] >= self.eval_every_seconds
         )
 
     def _checkpoint_due(self) -> bool:
@@ -374,9 +430,18 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "counters": {k: getattr(self, k) for k in (
-                "step", "samples", "importance_steps", "train_time", "steps_since_row",
-                "is_steps_since_row", "last_checkpoint")},
+            "counters": {
+                k: getattr(self, k)
+                for k in (
+                    "step",
+                    "samples",
+                    "importance_steps",
+                    "train_time",
+                    "steps_since_row",
+                    "is_steps_since_row",
+                    "last_checkpoint",
+                )
+            },
             "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
             "rows": self.rows,
         }
@@ -413,15 +478,30 @@ class Trainer:
     def _update_bar(self, bar: tqdm, row: dict) -> None:
         bar.n = min(row["train_time"] if self.time_budget is not None else row["step"], bar.total)
         on = "on" if row["is_fraction"] > 0.5 else "off"
-        bar.set_postfix_str(f"loss={row['train_loss']:.4f} err={row['test_error']:.3f} "
-                            f"tau={row['tau']:.2f} IS={on}", refresh=True)
+        bar.set_postfix_str(
+            f"loss={row['train_loss']:.4f} err={row['test_error']:.3f} "
+            f"tau={row['tau']:.2f} IS={on}",
+            refresh=True,
+        )
 
     def _log_row(self) -> dict:
         idx = self.train_eval_idx
-        train_loss, train_error = evaluate(self.model, self.data.train_x[idx], self.data.train_y[idx],
-                                           self.loss_fn, self.eval_batch_size, self.autocast)
-        test_loss, test_error = evaluate(self.model, self.data.test_x, self.data.test_y,
-                                         self.loss_fn, self.eval_batch_size, self.autocast)
+        train_loss, train_error = evaluate(
+            self.model,
+            self.data.train_x[idx],
+            self.data.train_y[idx],
+            self.loss_fn,
+            self.eval_batch_size,
+            self.autocast,
+        )
+        test_loss, test_error = evaluate(
+            self.model,
+            self.data.test_x,
+            self.data.test_y,
+            self.loss_fn,
+            self.eval_batch_size,
+            self.autocast,
+        )
         row = {
             "step": self.step,
             "samples": self.samples,
@@ -471,8 +551,10 @@ class Trainer:
             "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
         }
         # strict JSON: NaN (e.g. the tau of the uniform sampler) is written as null
-        summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                   for k, v in summary.items()}
+        summary = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in summary.items()
+        }
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(self.out_dir / "summary.json")

@@ -48,30 +48,31 @@ from .trainer import Callback, Trainer
 DISTRIBUTIONS = ("uniform", "loss", "upper_bound", "gradient_norm")
 
 VARIANCE_COLUMNS = (
-    "step",                # optimizer steps when measured
-    "epoch",               # passes over the training set when measured
-    "train_time",          # the trainer's train_time when measured (seconds)
-    "score",               # the sampling distribution: uniform | loss | upper_bound | gradient_norm
-    "presample_size",      # B, points of the fixed presample
-    "batch_size",          # b, draws per minibatch
-    "trace_cov",           # exact Tr Cov of the weighted minibatch gradient estimator
-    "bias_sq",             # ||bias||^2 of the estimator: 0 unless a non-zero gradient has q_i = 0
-    "zero_prob",           # presample points with q_i = 0 (never drawn)
-    "variance_ratio",      # (trace_cov + bias_sq) / trace_cov of uniform (lower is better)
+    "step",  # optimizer steps when measured
+    "epoch",  # passes over the training set when measured
+    "train_time",  # the trainer's train_time when measured (seconds)
+    "score",  # the sampling distribution: uniform | loss | upper_bound | gradient_norm
+    "presample_size",  # B, points of the fixed presample
+    "batch_size",  # b, draws per minibatch
+    "trace_cov",  # exact Tr Cov of the weighted minibatch gradient estimator
+    "bias_sq",  # ||bias||^2 of the estimator: 0 unless a non-zero gradient has q_i = 0
+    "zero_prob",  # presample points with q_i = 0 (never drawn)
+    "variance_ratio",  # (trace_cov + bias_sq) / trace_cov of uniform (lower is better)
     "variance_reduction",  # 1 - variance_ratio
-    "tau_measured",        # trace_cov of uniform / trace_cov: the equivalent batch increment achieved
-    "tau_hat",             # B sum_i q_i^2: the trainer's estimate of it from q alone (variance units)
-    "trainer_tau",         # the trainer's moving average of tau (its sampler's score and tau_kind)
-    "tv_distance",         # total variation distance of q to the gradient-norm distribution
-    "l2_distance",         # L2 distance of q to the gradient-norm distribution
-    "spearman",            # rank correlation of the scores with the gradient norms (nan: uniform)
-    "mean_grad_sq",        # ||mean_i v_i||^2, the squared norm of the presample's mean gradient
+    "tau_measured",  # trace_cov of uniform / trace_cov: the equivalent batch increment achieved
+    "tau_hat",  # B sum_i q_i^2: the trainer's estimate of it from q alone (variance units)
+    "trainer_tau",  # the trainer's moving average of tau (its sampler's score and tau_kind)
+    "tv_distance",  # total variation distance of q to the gradient-norm distribution
+    "l2_distance",  # L2 distance of q to the gradient-norm distribution
+    "spearman",  # rank correlation of the scores with the gradient norms (nan: uniform)
+    "mean_grad_sq",  # ||mean_i v_i||^2, the squared norm of the presample's mean gradient
 )
 
 
 # ------------------------------------------------------------------ the maths
-def trace_covariance(sq_norms: Tensor, mean_grad_sq: Tensor | float, probs: Tensor,
-                     batch_size: int) -> Tensor:
+def trace_covariance(
+    sq_norms: Tensor, mean_grad_sq: Tensor | float, probs: Tensor, batch_size: int
+) -> Tensor:
     """Exact Tr Cov of (1/b) sum_k w_{I_k} v_{I_k}, I_k ~ probs i.i.d., w_i = 1/(B probs_i), as
     in PAPER.md: valid when every non-zero gradient has probability > 0 (the estimator is then
     unbiased; ``estimator_error`` covers the other case).
@@ -88,8 +89,9 @@ def trace_covariance(sq_norms: Tensor, mean_grad_sq: Tensor | float, probs: Tens
     positive = probs > 0
     if (sq_norms[~positive] > 0).any():
         return torch.tensor(math.inf, dtype=torch.float64)
-    return (_second_moment(sq_norms, probs)
-            - torch.as_tensor(mean_grad_sq, dtype=torch.float64)) / batch_size
+    return (
+        _second_moment(sq_norms, probs) - torch.as_tensor(mean_grad_sq, dtype=torch.float64)
+    ) / batch_size
 
 
 def _second_moment(sq_norms: Tensor, probs: Tensor) -> Tensor:
@@ -98,8 +100,9 @@ def _second_moment(sq_norms: Tensor, probs: Tensor) -> Tensor:
     return (sq_norms[positive] / (n * n * probs[positive])).sum()
 
 
-def estimator_error(sq_norms: Tensor, mean_grad: Tensor, excluded_mean: Tensor, probs: Tensor,
-                    batch_size: int) -> tuple[float, float]:
+def estimator_error(
+    sq_norms: Tensor, mean_grad: Tensor, excluded_mean: Tensor, probs: Tensor, batch_size: int
+) -> tuple[float, float]:
     """(Tr Cov, ||bias||^2) of the same estimator when some points may have q_i = 0.
 
     Such points are never drawn (float32 losses of confidently right samples round to exactly 0,
@@ -129,17 +132,23 @@ def _average_ranks(x: Tensor) -> Tensor:
     return (first + (counts - 1) / 2)[inverse].double()
 
 
-def gradient_statistics(model: nn.Module, inputs: Tensor, targets: Tensor,
-                        loss_fn: LossFn = cross_entropy, chunk_size: int = 128,
-                        masks: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor, list[Tensor]]:
+def gradient_statistics(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = cross_entropy,
+    chunk_size: int = 128,
+    masks: Sequence[Tensor] = (),
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Exact per-sample gradients (torch.func, ``scores.per_sample_gradients``), reduced chunk by
     chunk to what the estimator's error needs, all float64:
     ||v_i||^2 (B,), mean_i v_i (P,), and (1/B) sum_{i in mask} v_i (P,) for each boolean ``mask``
     (B,). Memory: one chunk of ``chunk_size`` flattened gradients at a time."""
     sq_norms, total, masked = [], 0.0, [0.0] * len(masks)
     for i in range(0, len(inputs), chunk_size):
-        g = per_sample_gradients(model, inputs[i : i + chunk_size], targets[i : i + chunk_size],
-                                 loss_fn, chunk_size)
+        g = per_sample_gradients(
+            model, inputs[i : i + chunk_size], targets[i : i + chunk_size], loss_fn, chunk_size
+        )
         # float32 reductions (a float64 copy of the chunk would double the memory traffic)
         sq_norms.append(torch.linalg.vector_norm(g, dim=1).double().pow(2))
         total = total + g.sum(0).double()
@@ -149,9 +158,15 @@ def gradient_statistics(model: nn.Module, inputs: Tensor, targets: Tensor,
     return torch.cat(sq_norms), total / n, [m / n for m in masked]
 
 
-def measure(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int,
-            loss_fn: LossFn = cross_entropy, smoothing: float = 0.0, chunk_size: int = 128
-            ) -> list[dict]:
+def measure(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    batch_size: int,
+    loss_fn: LossFn = cross_entropy,
+    smoothing: float = 0.0,
+    chunk_size: int = 128,
+) -> list[dict]:
     """Every sampler's distribution on one presample (``inputs`` (B, ...), ``targets`` (B,)),
     with the model in eval mode: one dict per distribution (keys: the measured columns of
     ``VARIANCE_COLUMNS``). ``smoothing`` is added to the loss and upper-bound scores, as the
@@ -160,8 +175,9 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int,
     model.eval()  # BatchNorm in train mode would mix the samples of a chunk
     try:
         with torch.no_grad():
-            logits = torch.cat([model(inputs[i : i + chunk_size])
-                                for i in range(0, len(inputs), chunk_size)])
+            logits = torch.cat(
+                [model(inputs[i : i + chunk_size]) for i in range(0, len(inputs), chunk_size)]
+            )
         scores = {
             "uniform": torch.ones(len(inputs), dtype=torch.float64, device=inputs.device),
             "loss": loss_scores(logits, targets, loss_fn).double() + smoothing,
@@ -170,7 +186,8 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int,
         probs = {name: importance_probabilities(s).double() for name, s in scores.items()}
         scored = list(probs)
         sq_norms, mean_grad, excluded = gradient_statistics(
-            model, inputs, targets, loss_fn, chunk_size, [probs[name] == 0 for name in scored])
+            model, inputs, targets, loss_fn, chunk_size, [probs[name] == 0 for name in scored]
+        )
     finally:
         model.train(was_training)
     excluded = dict(zip(scored, excluded, strict=True))
@@ -182,24 +199,31 @@ def measure(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int,
     for name in DISTRIBUTIONS:
         q = probs[name]
         trace, bias_sq = estimator_error(sq_norms, mean_grad, excluded[name], q, batch_size)
-        rows.append({
-            "score": name,
-            "presample_size": len(inputs),
-            "batch_size": batch_size,
-            "trace_cov": trace,
-            "bias_sq": bias_sq,
-            "zero_prob": int((q == 0).sum()),
-            "tau_hat": equivalent_batch_increment(q).item(),
-            "tv_distance": 0.5 * (q - optimal).abs().sum().item(),
-            "l2_distance": (q - optimal).norm().item(),
-            "spearman": math.nan if name == "uniform" else rank_correlation(scores[name], grad_norms),
-            "mean_grad_sq": mean_grad.pow(2).sum().item(),
-        })
+        rows.append(
+            {
+                "score": name,
+                "presample_size": len(inputs),
+                "batch_size": batch_size,
+                "trace_cov": trace,
+                "bias_sq": bias_sq,
+                "zero_prob": int((q == 0).sum()),
+                "tau_hat": equivalent_batch_increment(q).item(),
+                "tv_distance": 0.5 * (q - optimal).abs().sum().item(),
+                "l2_distance": (q - optimal).norm().item(),
+                "spearman": math.nan
+                if name == "uniform"
+                else rank_correlation(scores[name], grad_norms),
+                "mean_grad_sq": mean_grad.pow(2).sum().item(),
+            }
+        )
     uniform_error = rows[0]["trace_cov"]  # uniform is unbiased
     for r in rows:
         ratio = (r["trace_cov"] + r["bias_sq"]) / uniform_error if uniform_error > 0 else math.nan
-        r.update(variance_ratio=ratio, variance_reduction=1.0 - ratio,
-                 tau_measured=1.0 / ratio if ratio > 0 else math.nan)
+        r.update(
+            variance_ratio=ratio,
+            variance_reduction=1.0 - ratio,
+            tau_measured=1.0 / ratio if ratio > 0 else math.nan,
+        )
     return rows
 
 
@@ -217,9 +241,15 @@ class VarianceCallback(Callback):
         filename: written in the trainer's out_dir.
     """
 
-    def __init__(self, every_rows: int = 1, presample_size: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, chunk_size: int = 128,
-                 filename: str = "variance.csv"):
+    def __init__(
+        self,
+        every_rows: int = 1,
+        presample_size: int | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+        chunk_size: int = 128,
+        filename: str = "variance.csv",
+    ):
         if every_rows < 1:
             raise ValueError(f"variance.every_rows must be >= 1 to measure, got {every_rows}")
         self.every_rows, self.seed, self.chunk_size = int(every_rows), int(seed), int(chunk_size)
@@ -231,13 +261,20 @@ class VarianceCallback(Callback):
     def _setup(self, trainer: Trainer) -> None:
         sampler, n = trainer.sampler, len(trainer.data.train_x)
         self.batch_size = int(self.batch_size or sampler.batch_size)
-        size = int(self.presample_size or getattr(sampler, "presample_size", 3 * sampler.batch_size))
+        size = int(
+            self.presample_size or getattr(sampler, "presample_size", 3 * sampler.batch_size)
+        )
         if size > n:  # a measurement should never stop a training run: measure all the data
-            warnings.warn(f"variance.presample_size={size} is larger than the training set ({n}); "
-                          f"measuring on all {n} points", stacklevel=2)
+            warnings.warn(
+                f"variance.presample_size={size} is larger than the training set ({n}); "
+                f"measuring on all {n} points",
+                stacklevel=2,
+            )
             size = n
         generator = torch.Generator().manual_seed(self.seed)
-        self.presample = torch.randperm(n, generator=generator)[:size].to(trainer.data.train_x.device)
+        self.presample = torch.randperm(n, generator=generator)[:size].to(
+            trainer.data.train_x.device
+        )
         self.path = Path(trainer.out_dir) / self.filename
         # A resumed run (first row seen is not the run's first) keeps the measurements up to the
         # checkpoint's last row; later ones are redone, as the trainer redoes its metrics rows.
@@ -257,10 +294,21 @@ class VarianceCallback(Callback):
         if self.presample is None:
             self._setup(trainer)
         x, y = trainer.data.train_x[self.presample], trainer.data.train_y[self.presample]
-        rows = measure(trainer.model, x, y, self.batch_size, trainer.loss_fn,
-                       getattr(trainer.sampler, "smoothing", 0.0), self.chunk_size)
-        when = {"step": trainer.step, "epoch": trainer.samples / len(trainer.data.train_x),
-                "train_time": trainer.train_time, "trainer_tau": trainer.sampler.tau}
+        rows = measure(
+            trainer.model,
+            x,
+            y,
+            self.batch_size,
+            trainer.loss_fn,
+            getattr(trainer.sampler, "smoothing", 0.0),
+            self.chunk_size,
+        )
+        when = {
+            "step": trainer.step,
+            "epoch": trainer.samples / len(trainer.data.train_x),
+            "train_time": trainer.train_time,
+            "trainer_tau": trainer.sampler.tau,
+        }
         rows = [{**when, **r} for r in rows]
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=VARIANCE_COLUMNS).writerows(rows)
@@ -279,8 +327,12 @@ class VarianceCallback(Callback):
 
 
 # ------------------------------------------------------------------ analysis of variance.csv
-COLORS = {"uniform": "tab:gray", "loss": "tab:orange", "upper_bound": "tab:blue",
-          "gradient_norm": "tab:green"}
+COLORS = {
+    "uniform": "tab:gray",
+    "loss": "tab:orange",
+    "upper_bound": "tab:blue",
+    "gradient_norm": "tab:green",
+}
 
 
 def read_variance(run_dir: str | Path):
@@ -294,10 +346,15 @@ def ordering_by_step(table):
     """Per measurement point (index: step), whether the paper's orderings hold: ``variance``
     (gradient_norm >= upper_bound > loss > uniform in variance reduction) and ``distance`` (the
     upper bound closer than the loss to the gradient-norm distribution, in TV distance)."""
-    wide = table.pivot_table(index="step", columns="score", values=["variance_reduction", "tv_distance"])
+    wide = table.pivot_table(
+        index="step", columns="score", values=["variance_reduction", "tv_distance"]
+    )
     vr, tv = wide["variance_reduction"], wide["tv_distance"]
-    variance = ((vr.gradient_norm >= vr.upper_bound - 1e-12) & (vr.upper_bound > vr.loss)
-                & (vr.loss > vr.uniform))
+    variance = (
+        (vr.gradient_norm >= vr.upper_bound - 1e-12)
+        & (vr.upper_bound > vr.loss)
+        & (vr.loss > vr.uniform)
+    )
     return variance.to_frame("variance").assign(distance=tv.upper_bound < tv.loss)
 
 
@@ -305,13 +362,23 @@ def ordering_holds(table) -> dict:
     """The share of measurement points where each of the paper's orderings holds (see
     ``ordering_by_step``), and ``points``, the number of measurement points."""
     by_step = ordering_by_step(table)
-    return {"points": len(by_step), "variance": float(by_step.variance.mean()),
-            "distance": float(by_step.distance.mean())}
+    return {
+        "points": len(by_step),
+        "variance": float(by_step.variance.mean()),
+        "distance": float(by_step.distance.mean()),
+    }
 
 
 def summarize(table):
     """Per score: the median over measurement points of the measured quantities."""
-    columns = ["variance_reduction", "tau_measured", "tau_hat", "tv_distance", "l2_distance", "spearman"]
+    columns = [
+        "variance_reduction",
+        "tau_measured",
+        "tau_hat",
+        "tv_distance",
+        "l2_distance",
+        "spearman",
+    ]
     return table.groupby("score", sort=False)[columns].median().reindex(list(DISTRIBUTIONS))
 
 
@@ -323,10 +390,15 @@ def plot_variance(table, title: str = ""):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     axes = axes.ravel()
     by_score = {name: g.sort_values("step") for name, g in table.groupby("score")}
-    panels = [("variance_reduction", "variance reduction  1 - TrCov_q / TrCov_uniform", DISTRIBUTIONS),
-              ("tv_distance", "TV distance to the gradient-norm distribution",
-               ("uniform", "loss", "upper_bound")),
-              ("spearman", "rank correlation with the gradient norm", ("loss", "upper_bound"))]
+    panels = [
+        ("variance_reduction", "variance reduction  1 - TrCov_q / TrCov_uniform", DISTRIBUTIONS),
+        (
+            "tv_distance",
+            "TV distance to the gradient-norm distribution",
+            ("uniform", "loss", "upper_bound"),
+        ),
+        ("spearman", "rank correlation with the gradient norm", ("loss", "upper_bound")),
+    ]
     for ax, (column, label, names) in zip(axes, panels, strict=False):
         for name in names:
             if name in by_score:
@@ -339,9 +411,17 @@ def plot_variance(table, title: str = ""):
     for name in ("loss", "upper_bound", "gradient_norm"):
         if name in by_score:
             g = by_score[name]
-            ax.plot(g.step, g.tau_measured, "o-", ms=3, color=COLORS[name],
-                    label=f"{name}: measured TrCov_u / TrCov_q")
-            ax.plot(g.step, g.tau_hat, "--", color=COLORS[name], label=f"{name}: tau_hat = B sum q^2")
+            ax.plot(
+                g.step,
+                g.tau_measured,
+                "o-",
+                ms=3,
+                color=COLORS[name],
+                label=f"{name}: measured TrCov_u / TrCov_q",
+            )
+            ax.plot(
+                g.step, g.tau_hat, "--", color=COLORS[name], label=f"{name}: tau_hat = B sum q^2"
+            )
     g = by_score.get("uniform", table)
     tau = g.trainer_tau.where(g.trainer_tau > 0)  # 0 before the first step (Algorithm 1)
     ax.plot(g.step, tau, "k:", label="trainer's tau (moving average)")

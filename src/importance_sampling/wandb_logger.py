@@ -105,8 +105,10 @@ class WandbLogger(Callback):
                 self.run = self._start_or_go_offline(trainer)
             self.run.log(dict(row))
         except Exception as e:  # W&B must never stop a training run: metrics.csv has every row
-            self._give_up(f"W&B logging failed ({type(e).__name__}: {e}); training goes on, "
-                          "metrics.csv still has every row")
+            self._give_up(
+                f"W&B logging failed ({type(e).__name__}: {e}); training goes on, "
+                "metrics.csv still has every row"
+            )
 
     def _start_or_go_offline(self, trainer: Trainer):
         try:
@@ -114,9 +116,11 @@ class WandbLogger(Callback):
         except Exception as e:
             if self.mode != "online":
                 raise
-            warnings.warn(f"W&B is unreachable or not logged in ({type(e).__name__}: {e}); "
-                          f"logging offline to {self.dir} instead (upload later with wandb sync)",
-                          stacklevel=2)
+            warnings.warn(
+                f"W&B is unreachable or not logged in ({type(e).__name__}: {e}); "
+                f"logging offline to {self.dir} instead (upload later with wandb sync)",
+                stacklevel=2,
+            )
             self.mode = "offline"
             return self._start(trainer)
 
