@@ -4,7 +4,8 @@ For each experiment preset, times side by side in one process (interleaved, medi
   uniform   one uniform SGD step on b points;
   score     a bare scoring forward over B points (no autograd; the upper-bound score);
   is_step   one importance-sampling step (presample B, score, resample b, weighted SGD step).
-and checks is_step <= 1.10 x (uniform + score).
+and checks is_step <= 1.10 x (uniform + score). The last column, uniform step x steps per epoch,
+is the expected time of an epoch at that scale (run it with --scale gpu on a GPU for the paper's).
 
     python scripts/benchmark_step.py                      # every preset at CPU scale (scale=cpu)
     python scripts/benchmark_step.py --scale gpu          # the paper's scale (on a GPU)
@@ -17,6 +18,7 @@ on by default): the timings depend on shapes only. Writes a markdown table (``--
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -148,6 +150,8 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         **med,
         "ratio": ratio,
         "ok": ratio <= 1.10,
+        # a uniform epoch over this scale's training set: the expected time per epoch
+        "epoch_s": med["uniform"] / 1000 * math.ceil(len(trainer.data.train_x) / b),
         "device": str(trainer.device),
     }
 
@@ -174,15 +178,19 @@ def main() -> int:
     args = parser.parse_args()
 
     rows = []
-    header = "| preset | data | b | B | uniform step (ms) | scoring forward over B (ms) | importance step (ms) | IS / (uniform + score) |"
-    lines = [header, "|" + "---|" * 8]
+    header = (
+        "| preset | data | b | B | uniform step (ms) | scoring forward over B (ms) "
+        "| importance step (ms) | IS / (uniform + score) | uniform epoch (s) |"
+    )
+    lines = [header, "|" + "---|" * 9]
     print(header)
     for preset in args.presets:
         r = benchmark(preset, args.scale, args.reps, args.synthetic, args.overrides)
         rows.append(r)
         line = (
             f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | {r['score']:.2f} | "
-            f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} |"
+            f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} | "
+            f"{r['epoch_s']:.1f} |"
         )
         lines.append(line)
         print(line, flush=True)

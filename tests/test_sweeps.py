@@ -49,7 +49,7 @@ def test_fashion_mnist_mlp_preset_bundles_dataset_model_optimizer_budget(compose
     cfg = compose("experiment=fashion_mnist_mlp")
     assert cfg.dataset._target_.endswith("fashion_mnist") and cfg.model._target_.endswith("MLP")
     assert cfg.optimizer._target_ == "torch.optim.SGD"
-    assert (cfg.trainer.time_budget, cfg.trainer.eval_every_seconds) == (60, 2.0)
+    assert (cfg.trainer.time_budget, cfg.trainer.eval_every_seconds) == (120, 2.0)
 
 
 def sweep_definitions() -> list[Path]:

@@ -143,3 +143,32 @@ def test_bad_input_is_one_readable_line(args, message, tmp_path):
     assert proc.returncode == 1
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_sampler_trains_on_fashion_mnist_from_the_debian_files(sampler, compose, tmp_path):
+    import train
+    from importance_sampling.data import DEBIAN_FASHION_MNIST
+
+    if not Path(DEBIAN_FASHION_MNIST).is_dir():
+        msg = "Debian's dataset-fashion-mnist is not installed (make data installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cfg = compose(
+        "dataset=fashion_mnist",
+        f"sampler={sampler}",
+        "dataset.train_size=3000",
+        "sampler.batch_size=64",
+        "trainer.time_budget=null",
+        "trainer.max_steps=30",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=15",
+        "trainer.train_eval_size=1000",
+        "trainer.progress=false",
+        *(["sampler.tau_threshold=1.0"] if sampler != "uniform" else []),
+    )
+    summary = train.run(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert summary["dataset"] == "fashion_mnist" and summary["step"] == 30
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
