@@ -51,7 +51,7 @@ def test_online_batch_draws_high_loss_samples_more_often():
 
 
 def test_history_sampler_resamples_from_the_table_with_unbiased_weights():
-    s = HistorySampler("loss", batch_size=2, presample_size=4, tau_threshold=1.0)
+    s = HistorySampler("loss", batch_size=2, presample_size=4, tau_threshold=1.0, uniform_mix=0.0)
     s.setup(4, gen(), CPU)
     s.table.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 6.0]), step=0)
     # sample 3 unseen: it gets the mean of the others, (1 + 1 + 6) / 3
@@ -65,6 +65,17 @@ def test_history_sampler_resamples_from_the_table_with_unbiased_weights():
     for i, w in zip(batch.indices.tolist(), batch.weights.tolist(), strict=True):
         assert w == pytest.approx(expected[i], rel=1e-5)
     assert s.scored == 0  # no scoring forward at all
+
+
+def test_history_sampler_mixes_in_uniform_to_cap_the_weights():
+    s = HistorySampler("loss", batch_size=64, presample_size=4, tau_threshold=1.0, uniform_mix=0.2)
+    s.setup(4, gen(), CPU)
+    s.table.update(torch.arange(4), torch.tensor([1e-9, 1.0, 1.0, 1.0]), step=0)
+    s.switch.tau = 5.0
+    batch = s.sample(None, torch.zeros(4, 1), torch.zeros(4), cross_entropy)
+    # p_0 = 0.8 * ~0 + 0.2 / 4 = 0.05: weight 1 / (4 * 0.05) = 5 = 1 / uniform_mix at most
+    assert batch.weights.max().item() <= 5.0 + 1e-4
+    assert 0 in batch.indices.tolist() or batch.weights.max().item() < 1.3
 
 
 def test_history_sampler_treats_stale_scores_as_unseen():

@@ -137,8 +137,12 @@ class HistorySampler(ImportanceSampler):
     table filled by the forward passes of the training steps (``score``: ``loss`` or
     ``upper_bound``). Unseen entries, and entries older than ``staleness`` steps (None: never
     stale), get the mean of the fresh ones, so they are drawn at an average rate.
-    The weights keep the estimator unbiased whatever the scores, stale or not. Because scoring
-    costs nothing, the default threshold is tau_th = 1.1 rather than the cost ratio.
+    The weights keep the estimator unbiased whatever the scores, stale or not; but a sample
+    whose old score is tiny gets a huge weight 1 / (B p) when it is drawn, and its current
+    gradient need not be tiny. So p is mixed with the uniform distribution,
+    p = (1 - ``uniform_mix``) g + ``uniform_mix`` / B (defensive importance sampling, still
+    unbiased), which caps every weight at 1 / uniform_mix. Because scoring costs nothing, the
+    default threshold is tau_th = 1.1 rather than the cost ratio.
     """
 
     def __init__(
@@ -151,8 +155,11 @@ class HistorySampler(ImportanceSampler):
         tau_kind: str = "variance",
         smoothing: float = 0.0,
         staleness: int | None = None,
+        uniform_mix: float = 0.5,
         score_chunk_size: int = 1024,
     ):
+        if not 0 <= uniform_mix <= 1:
+            raise ValueError(f"sampler.uniform_mix must be in [0, 1], got {uniform_mix}")
         if score not in ("loss", "upper_bound"):
             raise ValueError(
                 f"sampler.score={score!r}: the history sampler keeps loss or upper_bound scores"
@@ -175,7 +182,7 @@ class HistorySampler(ImportanceSampler):
             score_chunk_size,
         )
         self.name = "history"
-        self.staleness = staleness
+        self.staleness, self.uniform_mix = staleness, float(uniform_mix)
         self.steps = 0
 
     def setup(self, num_samples: int, generator: torch.Generator, device: torch.device) -> None:
@@ -196,6 +203,7 @@ class HistorySampler(ImportanceSampler):
             return Batch(self.stream.take(self.batch_size))
         presample = self.stream.take(self.presample_size)
         probs = importance_probabilities(self.table_scores(presample), self.smoothing)
+        probs = (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
         tau_hat = float(equivalent_batch_increment(probs, self.tau_kind))
         self.switch.update(tau_hat)
         if tau_hat <= 1 + 1e-6:
