@@ -26,10 +26,8 @@ from .sampling import (
     Inputs,
     Sampler,
     _eval_mode,
-    equivalent_batch_increment,
     fetch,
     importance_probabilities,
-    resample,
 )
 from .scores import LossFn, loss_scores, upper_bound_scores
 
@@ -202,14 +200,11 @@ class HistorySampler(ImportanceSampler):
         if not self.switch.on:
             return Batch(self.stream.take(self.batch_size))
         presample = self.stream.take(self.presample_size)
-        probs = importance_probabilities(self.table_scores(presample), self.smoothing)
-        probs = (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
-        tau_hat = float(equivalent_batch_increment(probs, self.tau_kind))
-        self.switch.update(tau_hat)
-        if tau_hat <= 1 + 1e-6:
-            self.fallbacks += 1
-        positions, weights = resample(probs, self.batch_size, self.generator)
-        return Batch(presample[positions], weights, importance=True)
+        return self.draw(presample, self.table_scores(presample))
+
+    def distribution(self, scores: Tensor) -> Tensor:
+        probs = importance_probabilities(scores, self.smoothing)
+        return (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
 
     def observe(
         self,
@@ -224,8 +219,7 @@ class HistorySampler(ImportanceSampler):
         scores = fn(logits, targets, loss_fn)
         self.table.update(batch.indices, scores, self.steps)
         if not batch.importance:  # a uniform step's own scores give tau_hat, as in Algorithm 1
-            probs = importance_probabilities(scores, self.smoothing)
-            self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
+            self.update_tau(scores)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "table": self.table.state_dict(), "steps": self.steps}

@@ -335,13 +335,26 @@ class ImportanceSampler(Sampler):
         if self.auto_threshold:
             self._record(self.score_times, start, scores)
         self.scored += len(presample)
-        probs = importance_probabilities(scores, self.smoothing)
+        return self.draw(presample, scores, x)
+
+    def distribution(self, scores: Tensor) -> Tensor:
+        """The sampling distribution g over a set of scored points, shape (n,) -> (n,)."""
+        return importance_probabilities(scores, self.smoothing)
+
+    def draw(self, presample: Tensor, scores: Tensor, inputs: Tensor | None = None) -> Batch:
+        """Resample b of the scored presample, weight them, update tau (Algorithm 1, 7-9 and 17)."""
+        probs = self.distribution(scores)
         tau_hat = float(equivalent_batch_increment(probs, self.tau_kind))
         self.switch.update(tau_hat)
         if tau_hat <= 1 + 1e-6:  # all scores equal (or all zero): this is a uniform step
             self.fallbacks += 1
         positions, weights = resample(probs, self.batch_size, self.generator)
-        return Batch(presample[positions], weights, importance=True, inputs=x[positions])
+        x = None if inputs is None else inputs[positions]
+        return Batch(presample[positions], weights, importance=True, inputs=x)
+
+    def update_tau(self, scores: Tensor) -> None:
+        """tau_hat from the scores of a uniform batch (Algorithm 1, line 15)."""
+        self.switch.update(equivalent_batch_increment(self.distribution(scores), self.tau_kind))
 
     def observe(
         self,
@@ -355,9 +368,7 @@ class ImportanceSampler(Sampler):
         """After a uniform step, its own b points give the next tau_hat (Algorithm 1, line 15)."""
         if batch.importance:
             return
-        scores = self.scores(model, inputs, targets, loss_fn, logits=logits)
-        probs = importance_probabilities(scores, self.smoothing)
-        self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
+        self.update_tau(self.scores(model, inputs, targets, loss_fn, logits=logits))
 
     # ------------------------------------------------------------ tau_threshold: auto
     AUTO_WINDOW = 20
