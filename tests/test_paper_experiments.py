@@ -234,6 +234,42 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(
     assert (tmp_path / "metrics.csv").is_file()
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path, monkeypatch):
+    """bf16 autocast and channels_last are on by default on CUDA only; forcing them on the CPU
+    runs the same code (scoring under autocast, NHWC data, row-level finiteness checks)."""
+    import train
+
+    monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
+    cfg = compose(
+        f"experiment={preset}",
+        "scale=cpu",
+        "sampler=upper_bound",
+        "threads=2",
+        "trainer.amp=true",
+        "trainer.channels_last=true",
+        "trainer.check_finite=row",
+        "trainer.time_budget=null",
+        "trainer.max_steps=4",
+        "trainer.eval_every_steps=2",
+        "trainer.eval_every_seconds=null",
+        "trainer.progress=false",
+        "trainer.train_eval_size=64",
+        "dataset.test_size=32",
+        "sampler.tau_threshold=1",
+        "sampler.tau_momentum=0",
+    )
+    trainer = train.build_trainer(cfg, tmp_path)
+    x = trainer.data.train_x[:4]
+    if x.dim() == 4:
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    with trainer.autocast():
+        assert trainer.forward(x).dtype == torch.bfloat16
+    summary = trainer.fit()
+    assert summary["status"] == "completed" and summary["importance_steps"] >= 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_benchmark_script_prints_the_three_timings(tmp_path):
     """Smoke test only: the speed target itself is read off the script's output, not asserted."""
     import subprocess
