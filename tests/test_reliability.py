@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -129,7 +130,7 @@ def test_model_whose_output_does_not_match_the_classes_is_rejected():
 
 def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_path):
     import train
-    from importance_sampling.trainer import TrainingError, load_checkpoint
+    from importance_sampling.trainer import TrainingError
 
     cfg = compose(
         "optimizer.lr=1e6",
@@ -140,14 +141,43 @@ def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_pa
         "trainer.eval_every_steps=1",
         "trainer.progress=false",
     )
-    with pytest.raises(TrainingError, match=r"the training loss is (nan|inf) at step \d+"):
+    with pytest.raises(
+        TrainingError, match=r"the (training loss|train_loss) is (nan|inf) at step \d+"
+    ):
         train.run(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "at step" in summary["error"]
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert len(rows) >= 1
+    assert not (tmp_path / "checkpoint.pt").exists()  # the broken model is never saved
+
+
+def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_path):
+    """check_finite=row (the CUDA default: no host sync per step) notices at the next metrics row
+    at the latest; the model is broken by then, so checkpoint.pt stays the last healthy row's."""
+    import train
+    from importance_sampling.trainer import TrainingError, load_checkpoint
+
+    cfg = compose(
+        "optimizer.lr=1e6",
+        "optimizer.momentum=0.99",
+        "sampler=uniform",
+        "trainer.check_finite=row",
+        "trainer.checkpoint_every=1",
+        "trainer.checkpoint_unit=steps",
+        "trainer.time_budget=null",
+        "trainer.max_steps=500",
+        "trainer.eval_every_steps=1",
+        "trainer.progress=false",
+    )
+    with pytest.raises(TrainingError, match="diverged.*last healthy checkpoint"):
+        train.run(cfg, tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    healthy = [r for r in rows if math.isfinite(float(r["train_loss"]))]
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert all(torch.isfinite(p).all() for p in state["model"].values())  # the last good state
+    assert state["counters"]["step"] == int(healthy[-1]["step"])  # the last healthy row's state
+    assert all(torch.isfinite(p).all() for p in state["model"].values())
 
 
 def test_non_finite_scores_stop_the_run(compose, tmp_path, monkeypatch):

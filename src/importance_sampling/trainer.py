@@ -7,7 +7,7 @@ compared on the time they spend training. Outputs, in ``out_dir``:
 - ``metrics.csv``   one row per evaluation (columns: ``METRICS_COLUMNS``), flushed as written;
 - ``summary.json``  the last row plus totals, written when the run ends (also after an error);
 - ``checkpoint.pt``  everything needed to resume exactly (with ``checkpoint_every``), written
-                     atomically at metrics rows, at the end, and as the last good state on failure.
+                     atomically at metrics rows whose losses are finite and at the end (never on failure).
 """
 
 from __future__ import annotations
@@ -144,20 +144,21 @@ class Trainer:
         train_eval_size: train_loss is measured on a fixed random subset of this many training
             points (None: the whole training set), drawn once with ``seed``.
         eval_batch_size: points per forward pass during evaluation.
-        amp: bf16 autocast on CUDA ("auto": on when the device is CUDA; never on CPU).
+        amp: bf16 autocast ("auto": on when the device is CUDA, off on the CPU).
         progress: show a tqdm progress bar.
         checkpoint_every: write ``checkpoint.pt`` at the first metrics row after this many
-            ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: only
-            when the run fails, as the last good state).
+            ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: never).
+            A row whose train or test loss is not finite stops the run instead: the checkpoint on
+            disk is always a model that was healthy.
         resume: continue from ``out_dir/checkpoint.pt`` when it exists.
         lr_schedule: ``constant``, ``step`` (times ``lr_gamma`` at each of ``lr_milestones``) or
             ``cosine``, over the run's progress: the largest fraction used of the time, step or
             epoch budget (so milestones are fractions, e.g. 0.5 and 0.8).
         channels_last: NHWC memory format for 4-d inputs ("auto": on CUDA only).
         compile: torch.compile the model.
-        check_finite: ``step`` checks the loss at every step (the model then stays the last good
-            state; one host synchronisation per step), ``row`` at each metrics row; ``auto``:
-            step on the CPU, row on CUDA.
+        check_finite: ``step`` checks the loss at every step (the error names the exact step; one
+            host synchronisation per step), ``row`` at each metrics row; ``auto``: step on the
+            CPU, row on CUDA.
         callbacks: ``Callback`` objects told of every metrics row and of the end of the run.
     """
 
@@ -294,7 +295,7 @@ class Trainer:
             losses = self.loss_fn(logits, y)
             loss = losses.mean() if batch.weights is None else (batch.weights * losses).mean()
         if self.check_finite_every_step:
-            if not torch.isfinite(loss):  # before the update: the model is the last good state
+            if not torch.isfinite(loss):  # stop at the exact step, before the update
                 raise TrainingError(
                     f"the training loss is {loss.item()} at step {self.step + 1}: "
                     "the run diverged (lower the learning rate?)"
@@ -351,6 +352,12 @@ class Trainer:
                     if self.steps_since_row or not done:
                         row = self._log_row()
                         self._update_bar(bar, row)
+                        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
+                        if bad:  # the model is broken: stop, and never checkpoint it
+                            raise TrainingError(
+                                f"the {bad[0]} is {row[bad[0]]} at step {self.step}: "
+                                "the run diverged (lower the learning rate?)"
+                            )
                         if self._checkpoint_due() or (done and self.checkpoint_every):
                             self.save()
                     if done:
@@ -364,11 +371,11 @@ class Trainer:
                 if isinstance(e, TrainingError)
                 else f"importance scores are not finite at step {self.step + 1} ({e})",
             )
-            if all(torch.isfinite(p).all() for p in self.model.parameters()):
-                self.save()  # the last good state, to inspect or to resume with other settings
-                kept = "metrics so far and the last good state (checkpoint.pt) are in"
-            else:  # checked at rows (CUDA): the parameters are already corrupt, keep the old checkpoint
-                kept = "metrics so far (and the last checkpoint, if any) are in"
+            # The model that gave a non-finite loss is broken (the update before it blew up), so
+            # it is not saved: a checkpoint.pt on disk is from the last row whose losses were finite.
+            kept = "metrics so far are in"
+            if (self.out_dir / "checkpoint.pt").is_file():
+                kept = "metrics so far and the last healthy checkpoint (checkpoint.pt) are in"
             raise TrainingError(f"{error}; {kept} {self.out_dir}") from None
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
