@@ -79,6 +79,38 @@ def test_time_budget_stops_the_run(compose, tmp_path):
     assert times == sorted(times) and len(times) >= 4
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_the_plain_module(compose, tmp_path):
+    """trainer.compile=true (torch.compile; inductor needs a C compiler, as on this CPU): the
+    sampler scores through the compiled module and the checkpoint holds the original one's keys."""
+    import torch
+
+    import train
+    from importance_sampling.models import MLP
+    from importance_sampling.trainer import load_checkpoint
+
+    cfg = compose(
+        "trainer.compile=true",
+        "trainer.time_budget=null",
+        "trainer.max_steps=30",
+        "trainer.eval_every_steps=10",
+        "trainer.eval_every_seconds=null",
+        "trainer.checkpoint_every=10",
+        "trainer.checkpoint_unit=steps",
+        "trainer.progress=false",
+        "sampler.batch_size=32",
+        "sampler.tau_threshold=1",
+        "sampler.tau_momentum=0",
+    )
+    summary = train.run(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["importance_steps"] > 20
+    rows = read_metrics(tmp_path)
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    MLP((1, 8, 8), 10).load_state_dict(state)  # no "_orig_mod." prefix
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
 @pytest.mark.parametrize("group", ["dataset", "model", "sampler", "optimizer"])
 def test_every_config_option_composes(group, compose):
     from hydra.utils import instantiate
