@@ -180,14 +180,26 @@ def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_pa
     assert all(torch.isfinite(p).all() for p in state["model"].values())
 
 
-def test_non_finite_scores_stop_the_run(compose, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "nan_in, tau_threshold",
+    [
+        ("uniform steps", 1000),  # tau stays on the device: the switch checks it when read
+        ("presamples", 1),  # uniform steps switch importance sampling on, then the presample is NaN
+    ],
+)
+def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path, monkeypatch):
     import train
     from importance_sampling import sampling
     from importance_sampling.trainer import TrainingError
 
-    monkeypatch.setattr(sampling, "upper_bound_scores", lambda *a: torch.full((384,), float("nan")))
+    def scores(logits, targets, loss_fn):
+        if nan_in == "presamples" and len(logits) != 384:
+            return torch.rand(len(logits)) + 0.1
+        return torch.full((len(logits),), float("nan"))
+
+    monkeypatch.setattr(sampling, "upper_bound_scores", scores)
     cfg = compose(
-        "sampler.tau_threshold=1",
+        f"sampler.tau_threshold={tau_threshold}",
         "trainer.time_budget=null",
         "trainer.max_steps=200",
         "trainer.eval_every_steps=50",

@@ -96,8 +96,9 @@ def test_switch_turns_on_and_off():
     switch.update(3.0)  # 2.25
     assert switch.on and switch.tau == pytest.approx(2.25)
     for _ in range(3):
-        switch.update(1.0)  # uniform scores: tau decays towards 1
+        switch.update(torch.tensor(1.0))  # a tensor (on the device) is read when next needed
     assert not switch.on and switch.tau == pytest.approx(1.15625)
+    assert isinstance(switch.tau, float) and switch.state_dict() == {"tau": switch.tau}
 
 
 def test_all_zero_scores_fall_back_to_uniform_and_non_finite_scores_raise():
@@ -106,6 +107,18 @@ def test_all_zero_scores_fall_back_to_uniform_and_non_finite_scores_raise():
         importance_probabilities(torch.tensor([1.0, float("nan"), 2.0]))
     with pytest.raises(NonFiniteScoresError):
         importance_probabilities(torch.tensor([1.0, float("inf")]))
+
+
+def test_unchecked_probabilities_match_the_checked_ones_without_a_sync():
+    scores = torch.tensor([0.5, 0.0, 2.0, 1.5])
+    torch.testing.assert_close(
+        importance_probabilities(scores, check=False), importance_probabilities(scores)
+    )
+    torch.testing.assert_close(
+        importance_probabilities(torch.zeros(4), check=False), torch.full((4,), 0.25)
+    )
+    # unchecked, a NaN score propagates (the switch raises when it reads the NaN tau)
+    assert importance_probabilities(torch.tensor([1.0, float("nan")]), check=False).isnan().any()
 
 
 def test_index_stream_is_a_permutation_per_epoch():

@@ -202,8 +202,8 @@ class HistorySampler(ImportanceSampler):
         presample = self.stream.take(self.presample_size)
         return self.draw(presample, self.table_scores(presample))
 
-    def distribution(self, scores: Tensor) -> Tensor:
-        probs = importance_probabilities(scores, self.smoothing)
+    def distribution(self, scores: Tensor, check: bool = True) -> Tensor:
+        probs = importance_probabilities(scores, self.smoothing, check)
         return (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
 
     def observe(

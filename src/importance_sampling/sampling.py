@@ -33,13 +33,18 @@ class NonFiniteScoresError(ValueError):
     """Raised when a score is NaN or infinite: the model has diverged, sampling is meaningless."""
 
 
-def importance_probabilities(scores: Tensor, smoothing: float = 0.0) -> Tensor:
+def importance_probabilities(scores: Tensor, smoothing: float = 0.0, check: bool = True) -> Tensor:
     """Normalised sampling distribution g over a presample, shape (B,) -> (B,).
 
     g_i = (s_i + smoothing) / sum_j (s_j + smoothing). Scores that are all zero fall back to the
-    uniform distribution (every weight is then 1). Non-finite or negative scores raise.
+    uniform distribution (every weight is then 1). Non-finite or negative scores raise, which
+    costs one host synchronisation; ``check=False`` skips the check and never synchronises
+    (non-finite scores then give non-finite probabilities: not for drawing from).
     """
     scores = scores.float() + smoothing
+    if not check:
+        total = scores.sum()
+        return torch.where(total == 0, 1.0 / len(scores), scores / total)  # NaN stays NaN
     total, lowest = (
         float(v) for v in torch.stack([scores.sum(), scores.min()]).tolist()
     )  # one sync
@@ -89,26 +94,41 @@ def default_tau_threshold(batch_size: int, presample_size: int) -> float:
 
 
 class VarianceReductionSwitch:
-    """Exponential moving average of tau_hat; importance sampling is on while tau > threshold."""
+    """Exponential moving average of tau_hat; importance sampling is on while tau > threshold.
+
+    ``update`` takes tau_hat as a float or as a 0-dim tensor on the device; a tensor is folded in
+    without a host synchronisation, which then happens once, when ``on`` or ``tau`` is next read
+    (at the start of the next step rather than between the forward and the backward pass)."""
 
     def __init__(self, threshold: float, momentum: float = 0.9):
         self.threshold = float(threshold)
         self.momentum = float(momentum)
-        self.tau = 0.0  # Algorithm 1 starts with tau = 0: the first steps are uniform.
+        self._tau: float | Tensor = 0.0  # Algorithm 1 starts with tau = 0: first steps uniform
+
+    @property
+    def tau(self) -> float:
+        if isinstance(self._tau, Tensor):
+            self._tau = float(self._tau)
+            if not math.isfinite(self._tau):
+                raise NonFiniteScoresError(f"tau is {self._tau}: the last scores were not finite")
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau = float(value)
 
     @property
     def on(self) -> bool:
         return self.tau > self.threshold
 
-    def update(self, tau_hat: float | Tensor) -> float:
-        self.tau = self.momentum * self.tau + (1.0 - self.momentum) * float(tau_hat)
-        return self.tau
+    def update(self, tau_hat: float | Tensor) -> None:
+        self._tau = self.momentum * self._tau + (1.0 - self.momentum) * tau_hat
 
     def state_dict(self) -> dict:
         return {"tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tau = float(state["tau"])
+        self.tau = state["tau"]
 
 
 class IndexStream:
@@ -337,9 +357,10 @@ class ImportanceSampler(Sampler):
         self.scored += len(presample)
         return self.draw(presample, scores, x)
 
-    def distribution(self, scores: Tensor) -> Tensor:
-        """The sampling distribution g over a set of scored points, shape (n,) -> (n,)."""
-        return importance_probabilities(scores, self.smoothing)
+    def distribution(self, scores: Tensor, check: bool = True) -> Tensor:
+        """The sampling distribution g over a set of scored points, shape (n,) -> (n,)
+        (``check``: see importance_probabilities)."""
+        return importance_probabilities(scores, self.smoothing, check)
 
     def draw(self, presample: Tensor, scores: Tensor, inputs: Tensor | None = None) -> Batch:
         """Resample b of the scored presample, weight them, update tau (Algorithm 1, 7-9 and 17)."""
@@ -353,8 +374,11 @@ class ImportanceSampler(Sampler):
         return Batch(presample[positions], weights, importance=True, inputs=x)
 
     def update_tau(self, scores: Tensor) -> None:
-        """tau_hat from the scores of a uniform batch (Algorithm 1, line 15)."""
-        self.switch.update(equivalent_batch_increment(self.distribution(scores), self.tau_kind))
+        """tau_hat from the scores of a uniform batch (Algorithm 1, line 15), without a host
+        synchronisation (the switch reads it at the next step; a non-finite loss is caught by the
+        trainer's finiteness check)."""
+        probs = self.distribution(scores, check=False)
+        self.switch.update(equivalent_batch_increment(probs, self.tau_kind))
 
     def observe(
         self,
