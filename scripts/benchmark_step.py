@@ -11,8 +11,9 @@ is the expected time of an epoch at that scale (run it with --scale gpu on a GPU
     python scripts/benchmark_step.py --scale gpu          # the paper's scale (on a GPU)
     python scripts/benchmark_step.py --presets cifar10_wrn --reps 50
 
-Datasets that are not on disk are replaced by random tensors of the same shape (``--synthetic``,
-on by default): the timings depend on shapes only. Writes a markdown table (``--out``).
+Datasets that are not on disk are replaced by random tensors of the same shape, size and
+augmentation (``--synthetic``, on by default), and pretrained weights by a random
+initialisation: the timings depend on shapes only. Writes a markdown table (``--out``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
-from importance_sampling.data import DataError, TensorDataset  # noqa: E402
+from importance_sampling.data import DataError, RandomCropFlip, TensorDataset  # noqa: E402
 from importance_sampling.sampling import ImportanceSampler, UniformSampler  # noqa: E402
 
 PRESETS = [
@@ -60,20 +62,27 @@ def compose(preset: str, scale: str, overrides: list[str]):
         )
 
 
+# Training-set sizes of the real datasets (MIT67: 80 training images for each of 67 classes).
+TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "image_folder": 5_360}
+
+
 def synthetic_like(cfg) -> TensorDataset:
-    """Random tensors with the shape the preset's dataset would have."""
+    """Random tensors with the shape, size and augmentation the preset's dataset would have."""
     d = cfg.dataset
     target = d._target_.rsplit(".", 1)[-1]
+    augment = None
     if target == "pixel_mnist":
         shape, classes = ((28 // d.downsample) ** 2, 1), 10
     elif target == "image_folder":
         shape, classes = (3, d.image_size, d.image_size), 67
+        augment = RandomCropFlip(d.image_size // 8) if d.augment else None
     elif target in ("cifar10", "cifar100", "svhn"):
         shape, classes = (3, 32, 32), 100 if target == "cifar100" else 10
+        augment = RandomCropFlip(4) if d.get("augment") else None
     else:
         shape, classes = (1, 28, 28), 10
-    n = d.get("train_size") or 50_000
-    n_test = d.get("test_size") or 1000
+    n = d.get("train_size") or TRAIN_SIZES.get(target, 60_000)
+    n_test = d.get("test_size") or 1000  # evaluation is not timed
     g = torch.Generator().manual_seed(0)
     return TensorDataset(
         f"synthetic_{target}",
@@ -82,6 +91,7 @@ def synthetic_like(cfg) -> TensorDataset:
         torch.randn(n_test, *shape, generator=g),
         torch.randint(0, classes, (n_test,), generator=g),
         classes,
+        augment,
     )
 
 
@@ -100,6 +110,8 @@ def timed(fn, device: torch.device) -> float:
 
 def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: list[str]) -> dict:
     cfg = compose(preset, scale, overrides)
+    if cfg.model.get("weights"):  # random init: the timings do not depend on the weights' values
+        cfg.model.weights = None
     data = None
     try:
         data = train.build(cfg.dataset, "dataset")
@@ -136,7 +148,7 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         for _ in range(3):
             fn()
     times = {"uniform": [], "score": [], "is_step": []}
-    for _ in range(reps):  # interleaved, so drifts of the machine hit all three alike
+    for _ in tqdm(range(reps), desc=preset, leave=False):  # interleaved: drifts hit all three
         times["uniform"].append(timed(uniform_step, trainer.device))
         times["score"].append(timed(score, trainer.device))
         times["is_step"].append(timed(is_step, trainer.device))
