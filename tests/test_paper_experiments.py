@@ -29,6 +29,16 @@ from importance_sampling.scores import cross_entropy, upper_bound_scores
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
 PRESETS = ["cifar10_wrn", "cifar100_wrn", "finetune_resnet", "pixel_mnist_lstm"]
+FOUR_STEPS = [  # a preset at scale=cpu, cut to 4 steps with a metrics row every 2
+    "threads=2",
+    "trainer.time_budget=null",
+    "trainer.max_steps=4",
+    "trainer.eval_every_steps=2",
+    "trainer.eval_every_seconds=null",
+    "trainer.progress=false",
+    "trainer.train_eval_size=64",
+    "dataset.test_size=32",
+]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -217,14 +227,7 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(
         f"experiment={preset}",
         "scale=cpu",
         f"sampler={sampler}",
-        "threads=2",
-        "trainer.time_budget=null",
-        "trainer.max_steps=4",
-        "trainer.eval_every_steps=2",
-        "trainer.eval_every_seconds=null",
-        "trainer.progress=false",
-        "trainer.train_eval_size=64",
-        "dataset.test_size=32",
+        *FOUR_STEPS,
         *([] if sampler == "uniform" else ["sampler.tau_threshold=1", "sampler.tau_momentum=0"]),
     )
     summary = train.run(cfg, tmp_path)
@@ -245,17 +248,10 @@ def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path,
         f"experiment={preset}",
         "scale=cpu",
         "sampler=upper_bound",
-        "threads=2",
         "trainer.amp=true",
         "trainer.channels_last=true",
         "trainer.check_finite=row",
-        "trainer.time_budget=null",
-        "trainer.max_steps=4",
-        "trainer.eval_every_steps=2",
-        "trainer.eval_every_seconds=null",
-        "trainer.progress=false",
-        "trainer.train_eval_size=64",
-        "dataset.test_size=32",
+        *FOUR_STEPS,
         "sampler.tau_threshold=1",
         "sampler.tau_momentum=0",
     )
