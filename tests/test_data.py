@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from importance_sampling.data import DEBIAN_FASHION_MNIST, DataError, digits, fashion_mnist
+from importance_sampling.data import (
+    DEBIAN_FASHION_MNIST,
+    DataError,
+    digits,
+    fashion_mnist,
+    pixel_mnist,
+)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -46,6 +52,26 @@ def test_fashion_mnist_loads_idx_files_through_torchvision(tiny_debian_dir, tmp_
     for f in tiny_debian_dir.iterdir():
         f.unlink()
     assert len(fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir).train_x) == 30
+
+
+def test_pixel_sequences_of_fashion_mnist_need_no_download(tiny_debian_dir, tmp_path):
+    """dataset=pixel_mnist dataset.images=fashion_mnist: the sequence experiment on real data
+    installed offline (the same idx format as MNIST)."""
+    images = fashion_mnist(tmp_path / "data", debian_dir=tiny_debian_dir, test_size=5)
+    assert len(images.test_x) == 5
+    seq = pixel_mnist(
+        tmp_path / "data",
+        images="fashion_mnist",
+        debian_dir=tiny_debian_dir,
+        downsample=4,
+        test_size=5,
+    )
+    assert seq.name == "pixel_fashion_mnist" and seq.input_shape == (49, 1)
+    pooled = torch.nn.functional.avg_pool2d(images.train_x, 4).flatten(1)
+    torch.testing.assert_close(seq.train_x[:, :, 0], pooled)
+    assert torch.equal(seq.test_y, images.test_y)
+    with pytest.raises(ValueError, match="dataset.images must be mnist or fashion_mnist"):
+        pixel_mnist(tmp_path / "data", images="cifar10")
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):

@@ -110,6 +110,7 @@ def fashion_mnist(
     download: bool = False,
     debian_dir: str | Path = DEBIAN_FASHION_MNIST,
     train_size: int | None = None,
+    test_size: int | None = None,
 ) -> TensorDataset:
     """Fashion-MNIST (60k/10k 28x28 grey images, 10 classes) through torchvision's FashionMNIST.
 
@@ -138,8 +139,14 @@ def fashion_mnist(
     train_x, test_x = _standardise(
         train.data.float().unsqueeze(1) / 255.0, test.data.float().unsqueeze(1) / 255.0
     )
-    train_x, train_y = _limit(train_x, train.targets.long(), train_size)
-    return TensorDataset("fashion_mnist", train_x, train_y, test_x, test.targets.long(), 10)
+    return _make(
+        "fashion_mnist",
+        (train_x, train.targets.long()),
+        (test_x, test.targets.long()),
+        10,
+        train_size,
+        test_size,
+    )
 
 
 # ------------------------------------------------------------------ the paper's datasets
@@ -242,10 +249,21 @@ def pixel_mnist(
     downsample: int = 1,
     train_size: int | None = None,
     test_size: int | None = None,
+    images: str = "mnist",
+    debian_dir: str | Path = DEBIAN_FASHION_MNIST,
 ) -> TensorDataset:
     """MNIST as pixel sequences for recurrent models: inputs (n, L, 1) with L = (28/downsample)^2
-    (784 pixels by default), optionally in a fixed random order (permuted pixel MNIST)."""
-    data = mnist(data_dir, download, train_size, test_size)
+    (784 pixels by default), optionally in a fixed random order (permuted pixel MNIST).
+
+    ``images``: ``mnist`` (the paper's) or ``fashion_mnist``, the same format and size, which
+    installs offline (Debian's dataset-fashion-mnist): the sequence experiment on real data
+    without a download."""
+    if images == "mnist":
+        data = mnist(data_dir, download, train_size, test_size)
+    elif images == "fashion_mnist":
+        data = fashion_mnist(data_dir, download, debian_dir, train_size, test_size)
+    else:
+        raise ValueError(f"dataset.images must be mnist or fashion_mnist, got {images!r}")
 
     def to_sequence(x: Tensor) -> Tensor:
         if downsample > 1:
@@ -258,7 +276,7 @@ def pixel_mnist(
             train_x.shape[1], generator=torch.Generator().manual_seed(permutation_seed)
         )
         train_x, test_x = train_x[:, order], test_x[:, order]
-    name = "permuted_pixel_mnist" if permute else "pixel_mnist"
+    name = ("permuted_pixel_" if permute else "pixel_") + images
     return TensorDataset(name, train_x, data.train_y, test_x, data.test_y, 10)
 
 
