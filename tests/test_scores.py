@@ -83,6 +83,10 @@ def test_gradient_norms_match_a_per_sample_backward_loop(make_model):
     torch.testing.assert_close(
         gradient_norm_scores(model, x, y, chunk_size=5), expected.norm(dim=1)
     )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a CUDA step: the oracle stays fp32
+        torch.testing.assert_close(
+            gradient_norm_scores(model, x, y, chunk_size=5), expected.norm(dim=1)
+        )
 
 
 def test_upper_bound_orders_samples_like_the_last_layer_gradient():

@@ -74,10 +74,14 @@ def _per_sample_gradient_chunks(
         return loss_fn(out, y.unsqueeze(0)).sum()
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    with torch.enable_grad(), torch.inference_mode(False):
+    # float32 even inside a bf16 autocast step: this is the exact oracle the others are judged by
+    no_autocast = torch.autocast(inputs.device.type, enabled=False)
+    with torch.enable_grad(), torch.inference_mode(False), no_autocast:
         for start in range(0, len(inputs), chunk_size):
             end = start + chunk_size
-            yield per_sample_grads(params, inputs[start:end], targets[start:end])
+            x = inputs[start:end]
+            x = x.float() if x.is_floating_point() else x
+            yield per_sample_grads(params, x, targets[start:end])
 
 
 def gradient_norm_scores(
@@ -92,7 +96,7 @@ def gradient_norm_scores(
     torch.func (vmap of grad over a functional call) in chunks of ``chunk_size`` samples, so
     memory stays bounded by chunk_size copies of the gradient. Call it with the model in eval
     mode if it has batch-dependent layers (BatchNorm): a per-sample gradient needs each sample's
-    output to depend on that sample only.
+    output to depend on that sample only. Computed in float32, also under autocast.
     """
     chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
     return torch.cat(
