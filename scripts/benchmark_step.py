@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +28,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from importance_sampling.builder import build_dataset, build_trainer
+from importance_sampling.data import DataError, RandomCropFlip, TensorDataset
+from importance_sampling.samplers import ImportanceSampler
 
-import train  # noqa: E402
-from importance_sampling.data import DataError, RandomCropFlip, TensorDataset  # noqa: E402
-from importance_sampling.sampling import ImportanceSampler, UniformSampler  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = [
     "fashion_mnist_mlp",
@@ -45,7 +43,7 @@ PRESETS = [
 ]
 
 
-def compose(preset: str, scale: str, overrides: list[str]):
+def compose(preset: str, scale: str, overrides: list[str], sampler: str = "upper_bound"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -55,7 +53,7 @@ def compose(preset: str, scale: str, overrides: list[str]):
             [
                 f"experiment={preset}",
                 f"scale={scale}",
-                "sampler=upper_bound",
+                f"sampler={sampler}",
                 "trainer.progress=false",
                 *overrides,
             ],
@@ -114,36 +112,35 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         cfg.model.weights = None
     data = None
     try:
-        data = train.build(cfg.dataset, "dataset")
+        data = build_dataset(cfg.dataset)
     except DataError:
         if not synthetic:
             raise
         data = synthetic_like(cfg)
-    out = tempfile.mkdtemp()
-    trainer = train.build_trainer(cfg, out, data=data)
-    b, B = trainer.sampler.batch_size, trainer.sampler.presample_size
+    # two trainers of the same network on the same data: one samples uniformly, one by importance
+    trainers = {
+        sampler: build_trainer(compose(preset, scale, overrides, sampler), tempfile.mkdtemp(), data)
+        for sampler in ("uniform", "upper_bound")
+    }
+    trainer = trainers["upper_bound"]
     importance = trainer.sampler
-    importance.switch.tau = float("inf")  # always on
-    uniform = UniformSampler(b)
-    uniform.setup(len(trainer.data.train_x), trainer.generator, trainer.device)
     assert isinstance(importance, ImportanceSampler)
+    b, B = importance.batch_size, importance.presample_size
+    importance.switch.tau = float("inf")  # always on: every presample has B points
 
     def uniform_step():
-        trainer.sampler = uniform
-        trainer.train_step()
+        trainers["uniform"].train_step()
 
     def is_step():
-        trainer.sampler = importance
         trainer.train_step()
 
     def score():
-        idx = importance.stream.take(B)
-        with trainer.autocast():
-            importance.scores(
-                trainer.forward, trainer.fetch(idx), trainer.data.train_y[idx], trainer.loss_fn
-            )
+        presample = next(trainer.source)
+        with trainer.runtime.autocast():
+            importance.scores(trainer.forward, presample.x, presample.y, trainer.loss_fn)
 
-    trainer.model.train()
+    for t in trainers.values():
+        t.train_model.train()
     for fn in (uniform_step, score, is_step):  # warm-up (allocator, kernels, compile)
         for _ in range(3):
             fn()
@@ -163,7 +160,7 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         "ratio": ratio,
         "ok": ratio <= 1.10,
         # a uniform epoch over this scale's training set: the expected time per epoch
-        "epoch_s": med["uniform"] / 1000 * math.ceil(len(trainer.data.train_x) / b),
+        "epoch_s": med["uniform"] / 1000 * math.ceil(trainer.num_samples / b),
         "device": str(trainer.device),
     }
 

@@ -23,19 +23,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # runs without `pip install -e .` too
-
-import torch  # noqa: E402
-
-from importance_sampling.scores import cross_entropy  # noqa: E402
-from importance_sampling.variance import (  # noqa: E402
+from importance_sampling.variance import (
     ordering_by_step,
     ordering_holds,
     plot_variance,
     read_variance,
     summarize,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(run_dir: Path, every_rows: int, overrides: list[str]) -> None:
@@ -54,35 +50,18 @@ def train(run_dir: Path, every_rows: int, overrides: list[str]) -> None:
 def measure_checkpoint(run_dir: Path) -> None:
     """One measurement of the model in ``run_dir/checkpoint.pt``, built from the run's own config,
     on the presample the run would have measured (same seed): writes ``run_dir/variance.csv``."""
-    from types import SimpleNamespace
-
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from importance_sampling.trainer import load_checkpoint, resolve_device
+    from importance_sampling.builder import build_trainer
+    from importance_sampling.outputs import load_checkpoint
     from importance_sampling.variance import VarianceCallback
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    device = resolve_device(cfg.get("device", "auto"))
-    data = instantiate(cfg.dataset).to(device)
-    model = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    state = load_checkpoint(run_dir / "checkpoint.pt", device)
-    model.to(device).load_state_dict(state["model"])
-    sampler = instantiate(cfg.sampler)
-    sampler.setup(len(data.train_x), torch.Generator(device).manual_seed(0), device)
-    sampler.load_state_dict(state["sampler"])  # for the trainer's tau at the checkpoint
-    counters = state["counters"]
-    trainer = SimpleNamespace(
-        model=model,
-        data=data,
-        sampler=sampler,
-        loss_fn=cross_entropy,
-        out_dir=run_dir,
-        rows=[],
-        step=counters["step"],
-        samples=counters["samples"],
-        train_time=counters["train_time"],
-    )
+    cfg.trainer.progress, cfg.logger = False, {}  # nothing but the measurement
+    cfg.variance.every_rows = 0
+    trainer = build_trainer(cfg, run_dir)
+    # the model, and the sampler for the trainer's tau at the checkpoint
+    trainer.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt", trainer.device))
     options = {k: v for k, v in cfg.get("variance", {}).items() if k != "every_rows"}
     VarianceCallback(**options).measure(trainer)
     print(f"measured the checkpoint at step {trainer.step}", flush=True)

@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for `import train`
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

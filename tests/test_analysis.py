@@ -10,7 +10,7 @@ import yaml
 
 from importance_sampling import analysis
 from importance_sampling.analysis import first_crossing, value_at
-from importance_sampling.trainer import METRICS_COLUMNS
+from importance_sampling.outputs import METRICS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

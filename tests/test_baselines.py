@@ -14,7 +14,7 @@ from importance_sampling.baselines import (
     rank_by_loss,
     rank_probabilities,
 )
-from importance_sampling.sampling import ImportanceSampler
+from importance_sampling.samplers import ImportanceSampler, Presample
 from importance_sampling.scores import cross_entropy
 
 CPU = torch.device("cpu")
@@ -37,54 +37,69 @@ def test_rank_by_loss_puts_unseen_first_then_the_highest_loss():
     assert rank_by_loss(losses, gen()).tolist() == [1, 2, 4, 0, 3]
 
 
+def presample_of(indices, x=None):
+    x = torch.zeros(len(indices), 1) if x is None else x[indices]
+    return Presample(x, torch.zeros(len(indices), dtype=torch.long), indices)
+
+
 def test_online_batch_draws_high_loss_samples_more_often():
     s = OnlineBatchSampler(batch_size=4, selection_pressure=1e4)
-    s.setup(40, gen(), CPU)
+    s.setup(40)
     losses = torch.linspace(0, 1, 40)  # sample 39 has the highest loss
     s.table.update(torch.arange(40), losses, step=0)
     counts = torch.zeros(40)
+    batches = s.batches()
     for _ in range(200):
-        batch = s.sample(None, torch.zeros(40, 1), torch.zeros(40), cross_entropy)
-        assert batch.weights is None and len(set(batch.indices.tolist())) == 4  # biased, no repeats
-        counts[batch.indices] += 1
+        chosen = s.select(None, presample_of(next(batches)), cross_entropy)
+        assert chosen.weights is None and len(set(chosen.indices.tolist())) == 4  # no repeats
+        counts[chosen.indices] += 1
     assert counts[30:].sum() > 5 * counts[:10].sum()
 
 
 def test_history_sampler_resamples_from_the_table_with_unbiased_weights():
     s = HistorySampler("loss", batch_size=2, presample_size=4, tau_threshold=1.0, uniform_mix=0.0)
-    s.setup(4, gen(), CPU)
+    s.setup(4)
     s.table.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 6.0]), step=0)
     # sample 3 unseen: it gets the mean of the others, (1 + 1 + 6) / 3
     torch.testing.assert_close(
         s.table_scores(torch.arange(4)), torch.tensor([1.0, 1.0, 6.0, 8 / 3])
     )
     s.switch.tau = 5.0
-    batch = s.sample(None, torch.zeros(4, 1), torch.zeros(4), cross_entropy)
+    chosen = s.select(None, presample_of(next(s.batches())), cross_entropy)
     total = 1 + 1 + 6 + 8 / 3
     expected = {0: total / (4 * 1), 1: total / (4 * 1), 2: total / (4 * 6), 3: total / (4 * 8 / 3)}
-    for i, w in zip(batch.indices.tolist(), batch.weights.tolist(), strict=True):
+    for i, w in zip(chosen.indices.tolist(), chosen.weights.tolist(), strict=True):
         assert w == pytest.approx(expected[i], rel=1e-5)
     assert s.scored == 0  # no scoring forward at all
 
 
 def test_history_sampler_mixes_in_uniform_to_cap_the_weights():
-    s = HistorySampler("loss", batch_size=4, presample_size=4, tau_threshold=1.0, uniform_mix=0.2)
-    s.setup(4, gen(), CPU)
+    s = HistorySampler("loss", batch_size=2, presample_size=4, tau_threshold=1.0, uniform_mix=0.2)
+    s.setup(4)
     s.table.update(torch.arange(4), torch.tensor([1e-9, 1.0, 1.0, 1.0]), step=0)
     s.switch.tau = 5.0
     weights = {}
     for _ in range(100):
-        batch = s.sample(None, torch.zeros(4, 1), torch.zeros(4), cross_entropy)
-        weights.update(zip(batch.indices.tolist(), batch.weights.tolist(), strict=True))
+        chosen = s.select(None, presample_of(torch.arange(4)), cross_entropy)
+        weights.update(zip(chosen.indices.tolist(), chosen.weights.tolist(), strict=True))
     # p_0 = 0.8 * ~0 + 0.2 / 4 = 0.05: weight 1 / (4 * 0.05) = 5 = 1 / uniform_mix, not ~1e9
     assert weights[0] == pytest.approx(5.0, rel=1e-4)
     # the others: p = 0.8 / 3 + 0.05, weight 1 / (4 p)
     assert weights[1] == pytest.approx(1 / (4 * (0.8 / 3 + 0.05)), rel=1e-4)
 
 
+def test_history_sampler_tau_is_the_mixtures():
+    s = HistorySampler("loss", batch_size=2, presample_size=4, uniform_mix=0.3, tau_momentum=0.0)
+    s.setup(4)
+    scores = torch.tensor([0.5, 1.0, 3.0, 0.1])
+    s.update_tau(scores)
+    mixture = 0.7 * scores / scores.sum() + 0.3 / 4
+    assert s.tau == pytest.approx(4 * mixture.pow(2).sum().item(), rel=1e-6)
+
+
 def test_history_sampler_treats_stale_scores_as_unseen():
     s = HistorySampler("loss", batch_size=1, presample_size=2, staleness=5)
-    s.setup(2, gen(), CPU)
+    s.setup(2)
     s.table.update(torch.tensor([0]), torch.tensor([9.0]), step=0)
     s.table.update(torch.tensor([1]), torch.tensor([1.0]), step=10)
     s.steps = 10  # sample 0 was seen 10 steps ago: stale -> the mean of the fresh ones (1.0)
@@ -93,7 +108,7 @@ def test_history_sampler_treats_stale_scores_as_unseen():
 
 def test_selective_backprop_keeps_by_loss_percentile():
     s = SelectiveBackpropSampler(batch_size=2, beta=2.0)
-    s.setup(10, gen(), CPU)
+    s.setup(10)
     s.history = torch.tensor([1.0, 2.0, 3.0])
     # 2.5 is >= 3 of the 4 values in [1, 2, 3, 2.5]: percentile 0.75, kept with 0.75^2
     torch.testing.assert_close(s.keep_probability(torch.tensor([2.5])), torch.tensor([0.5625]))
@@ -102,7 +117,6 @@ def test_selective_backprop_keeps_by_loss_percentile():
 
 def test_selective_backprop_trains_on_full_batches_of_the_hardest():
     n = 64
-    y = torch.zeros(n, dtype=torch.long)
     logits = torch.zeros(n, 2)
     logits[:, 0] = torch.linspace(-5, 5, n)  # loss decreases with the index
 
@@ -111,41 +125,68 @@ def test_selective_backprop_trains_on_full_batches_of_the_hardest():
             return logits[x.long().squeeze(1)]
 
     s = SelectiveBackpropSampler(batch_size=8, beta=3.0, history_size=64)
-    s.setup(n, gen(), CPU)
-    kept = torch.cat(
-        [
-            s.sample(
-                Table(), torch.arange(n, dtype=torch.float32)[:, None], y, cross_entropy
-            ).indices
-            for _ in range(30)
-        ]
-    )
-    assert len(kept) == 240 and kept.float().mean() < 0.4 * n  # mostly the low indices (high loss)
+    s.setup(n)
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    batches = s.batches()
+
+    def load():
+        return presample_of(next(batches), x)
+
+    kept = [s.select(Table(), load(), cross_entropy, more=load) for _ in range(30)]
+    assert all(len(k) == 8 and torch.equal(k.x[:, 0].long(), k.indices) for k in kept)
+    indices = torch.cat([k.indices for k in kept])
+    assert indices.float().mean() < 0.4 * n  # mostly the low indices (high loss)
+    assert s.scored > 240  # more candidates were loaded than kept
 
 
 def test_infobatch_prunes_below_mean_losses_and_rescales_the_kept():
     s = InfoBatchSampler(batch_size=1, prune_ratio=0.75)
-    s.setup(4, gen(), CPU)
+    s.setup(4)
     s.table.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 10.0]), step=0)  # mean 4
     kept_weight = torch.zeros(4)
     for seed in range(400):
-        s.generator = gen(seed)
-        s.new_epoch()
-        assert 3 in s.epoch_order.tolist()  # above the mean: always kept
-        kept_weight[s.epoch_order] += s.epoch_weights
+        s.shared = gen(seed)
+        s.new_pass()
+        assert 3 in s.share.tolist()  # above the mean: always kept
+        kept_weight[s.share] += s.weights[s.share]
     # E[kept * weight] = (1 - r) / (1 - r) = 1 for every sample: the expected gradient is kept
     torch.testing.assert_close(kept_weight / 400, torch.ones(4), atol=0.25, rtol=0)
     s.progress = 0.9  # past anneal: everything, weight 1
-    s.new_epoch()
-    assert sorted(s.epoch_order.tolist()) == [0, 1, 2, 3] and torch.all(s.epoch_weights == 1)
+    s.new_pass()
+    assert sorted(s.share.tolist()) == [0, 1, 2, 3] and torch.all(s.weights == 1)
+
+
+def test_infobatch_keeps_exactly_the_share_of_below_mean_samples_and_anneals_by_passes():
+    n = 100
+    s = InfoBatchSampler(batch_size=10, prune_ratio=0.5, anneal=0.75, num_passes=4)
+    s.setup(n)
+    s.table.update(torch.arange(n), torch.arange(n, dtype=torch.float32), step=0)  # 50 below mean
+    batches = s.batches()
+    for pass_number in range(4):
+        first = next(batches)  # starts the pass
+        share = s.share.clone()
+        rest = [next(batches) for _ in range(len(share) // 10 - 1)]
+        assert torch.equal(torch.cat([first, *rest]), share[: 10 * (1 + len(rest))])
+        if pass_number < 3:  # progress 0, 1/4, 2/4 < anneal: 25 of the 50 low-loss samples kept
+            assert s.pruned == 25 and len(share) == 75 and (share < 50).sum() == 25
+            low = share < 50
+            assert torch.all(s.weights[share[low]] == 2) and torch.all(s.weights[share[~low]] == 1)
+        else:  # 3/4 of the passes done: the last pass trains on everything, weight 1
+            assert s.pruned == 0 and sorted(share.tolist()) == list(range(n))
+            assert torch.all(s.weights == 1)
+        for indices in [first, *rest]:  # the weights drawn with each batch go with it
+            chosen = s.select(None, presample_of(indices), cross_entropy)
+            assert chosen.importance == (pass_number < 3)
+            torch.testing.assert_close(chosen.weights, s.weights[indices])
+    assert s.passes == pytest.approx(4.0)
 
 
 def test_auto_threshold_is_the_measured_cost_ratio():
     s = ImportanceSampler("upper_bound", batch_size=4, presample_size=8, tau_threshold="auto")
-    s.setup(16, gen(), CPU)
+    s.setup(16)
     s.step_times, s.score_times = [0.010] * 5, [0.030] * 3
     s._last_call = None
-    s._measure_costs(None, torch.zeros(16, 1), torch.zeros(16, dtype=torch.long), cross_entropy)
+    s._measure_costs(None, presample_of(torch.arange(4)), cross_entropy)
     assert s.switch.threshold == pytest.approx((0.010 + 0.030) / 0.010)
     assert s.metrics() == {
         "tau_threshold": pytest.approx(4.0),
@@ -156,7 +197,7 @@ def test_auto_threshold_is_the_measured_cost_ratio():
 
 @pytest.mark.parametrize("sampler", ["online_batch", "history", "selective_backprop", "infobatch"])
 def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
-    import train
+    from importance_sampling import builder
 
     cfg = compose(
         f"sampler={sampler}",
@@ -167,7 +208,7 @@ def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
         "trainer.eval_every_steps=20",
         "trainer.progress=false",
     )
-    summary = train.run(cfg, tmp_path)
+    summary = builder.run(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert summary["sampler"] == sampler and summary["step"] == 60
     assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
@@ -176,7 +217,7 @@ def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
 
 
 def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
-    import train
+    from importance_sampling import builder
 
     cfg = compose(
         "sampler.tau_threshold=auto",
@@ -187,7 +228,7 @@ def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
         "trainer.eval_every_steps=20",
         "trainer.progress=false",
     )
-    train.run(cfg, tmp_path)
+    builder.run(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert {"tau_threshold", "cost_step_ms", "cost_score_ms"} <= set(rows[0])
     assert float(rows[-1]["tau_threshold"]) > 1 and float(rows[-1]["cost_score_ms"]) > 0

@@ -220,7 +220,7 @@ def test_pretrained_weights_load_from_a_file_or_say_how_to_get_them(tmp_path, mo
 def test_every_preset_trains_at_cpu_scale_with_every_sampler(
     preset, sampler, data_dir, compose, tmp_path, monkeypatch
 ):
-    import train
+    from importance_sampling import builder
 
     monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
     cfg = compose(
@@ -230,7 +230,7 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(
         *FOUR_STEPS,
         *([] if sampler == "uniform" else ["sampler.tau_threshold=1", "sampler.tau_momentum=0"]),
     )
-    summary = train.run(cfg, tmp_path)
+    summary = builder.run(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["step"] == 4
     if sampler != "uniform":
         assert summary["importance_steps"] >= 2  # tau from the first uniform step switches it on
@@ -241,7 +241,7 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(
 def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path, monkeypatch):
     """bf16 autocast and channels_last are on by default on CUDA only; forcing them on the CPU
     runs the same code (scoring under autocast, NHWC data, row-level finiteness checks)."""
-    import train
+    from importance_sampling import builder
 
     monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
     cfg = compose(
@@ -255,11 +255,11 @@ def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path,
         "sampler.tau_threshold=1",
         "sampler.tau_momentum=0",
     )
-    trainer = train.build_trainer(cfg, tmp_path)
-    x = trainer.data.train_x[:4]
+    trainer = builder.build_trainer(cfg, tmp_path)
+    x = trainer.source.data.train_x[:4]
     if x.dim() == 4:
         assert x.is_contiguous(memory_format=torch.channels_last)
-    with trainer.autocast():
+    with trainer.runtime.autocast():
         assert trainer.forward(x).dtype == torch.bfloat16
     summary = trainer.fit()
     assert summary["status"] == "completed" and summary["importance_steps"] >= 2

@@ -23,7 +23,7 @@ BAD_INPUTS = [
     (["optimizer=lbfgs"], "Could not find 'optimizer/lbfgs'"),
     (
         ["sampler.presample_size=16", "sampler.batch_size=32"],
-        "presample_size (B=16) must be >= sampler.batch_size (b=32)",
+        "presample_size (B=16) must be larger than sampler.batch_size (b=32)",
     ),
     (
         ["sampler.batch_size=5000"],
@@ -33,7 +33,7 @@ BAD_INPUTS = [
         ["sampler.presample_size=3000"],
         "sampler.presample_size=3000 is larger than the training set",
     ),
-    (["sampler.batch_size=0"], "sampler.batch_size must be >= 1"),
+    (["sampler.batch_size=0"], "sampler.batch_size must be an integer >= 1, got 0"),
     (["sampler.tau_threshold=0.5"], "sampler.tau_threshold must be >= 1"),
     (["sampler.tau_momentum=1.0"], "sampler.tau_momentum must be in [0, 1), got 1.0"),
     (["sampler.tau_momentum=-0.5"], "sampler.tau_momentum must be in [0, 1), got -0.5"),
@@ -72,10 +72,10 @@ BAD_INPUTS = [
 
 
 def run_main(argv, tmp_path, monkeypatch, capsys):
-    """Run train.py's main() in this process as the command line would (faster than a subprocess)."""
-    from hydra.core.global_hydra import GlobalHydra
+    """Run train.py in this process as the command line would (faster than a subprocess)."""
+    import runpy
 
-    import train
+    from hydra.core.global_hydra import GlobalHydra
 
     monkeypatch.setenv("IS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(
@@ -85,7 +85,7 @@ def run_main(argv, tmp_path, monkeypatch, capsys):
     )
     GlobalHydra.instance().clear()
     with pytest.raises(SystemExit) as exit_info:
-        train.main()
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -117,11 +117,11 @@ def test_corrupt_dataset_files_name_the_directory(tmp_path, monkeypatch, capsys)
 
 
 def test_model_whose_output_does_not_match_the_classes_is_rejected():
-    import train
+    from importance_sampling import builder
     from importance_sampling.data import digits
 
-    with pytest.raises(train.ConfigError, match=r"output shape \(2, 7\) .* 10 classes"):
-        train.check_model_output(
+    with pytest.raises(builder.ConfigError, match=r"output shape \(2, 7\) .* 10 classes"):
+        builder.check_model_output(
             torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7)),
             digits(),
             torch.device("cpu"),
@@ -129,7 +129,7 @@ def test_model_whose_output_does_not_match_the_classes_is_rejected():
 
 
 def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_path):
-    import train
+    from importance_sampling import builder
     from importance_sampling.trainer import TrainingError
 
     cfg = compose(
@@ -144,7 +144,7 @@ def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_pa
     with pytest.raises(
         TrainingError, match=r"the (training loss|train_loss) is (nan|inf) at step \d+"
     ):
-        train.run(cfg, tmp_path)
+        builder.run(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "at step" in summary["error"]
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -155,7 +155,7 @@ def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_pa
 def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_path):
     """check_finite=row (the CUDA default: no host sync per step) notices at the next metrics row
     at the latest; the model is broken by then, so checkpoint.pt stays the last healthy row's."""
-    import train
+    from importance_sampling import builder
     from importance_sampling.trainer import TrainingError, load_checkpoint
 
     cfg = compose(
@@ -171,7 +171,7 @@ def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_pa
         "trainer.progress=false",
     )
     with pytest.raises(TrainingError, match="diverged.*last healthy checkpoint"):
-        train.run(cfg, tmp_path)
+        builder.run(cfg, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     healthy = [r for r in rows if math.isfinite(float(r["train_loss"]))]
@@ -188,8 +188,7 @@ def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_pa
     ],
 )
 def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path, monkeypatch):
-    import train
-    from importance_sampling import sampling
+    from importance_sampling import builder, samplers
     from importance_sampling.trainer import TrainingError
 
     def scores(logits, targets, loss_fn):
@@ -197,7 +196,7 @@ def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path
             return torch.rand(len(logits)) + 0.1
         return torch.full((len(logits),), float("nan"))
 
-    monkeypatch.setattr(sampling, "upper_bound_scores", scores)
+    monkeypatch.setattr(samplers, "upper_bound_scores", scores)
     cfg = compose(
         f"sampler.tau_threshold={tau_threshold}",
         "trainer.time_budget=null",
@@ -207,15 +206,14 @@ def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path
         "sampler.tau_momentum=0",
     )
     with pytest.raises(TrainingError, match=r"importance scores are not finite at step \d+"):
-        train.run(cfg, tmp_path)
+        builder.run(cfg, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
 def test_all_equal_scores_fall_back_to_uniform_and_are_counted(compose, tmp_path, monkeypatch):
-    import train
-    from importance_sampling import sampling
+    from importance_sampling import builder, samplers
 
-    monkeypatch.setattr(sampling, "upper_bound_scores", lambda logits, *a: torch.ones(len(logits)))
+    monkeypatch.setattr(samplers, "upper_bound_scores", lambda logits, *a: torch.ones(len(logits)))
     cfg = compose(
         "sampler.tau_threshold=1",
         "trainer.time_budget=null",
@@ -223,9 +221,9 @@ def test_all_equal_scores_fall_back_to_uniform_and_are_counted(compose, tmp_path
         "trainer.eval_every_steps=10",
         "trainer.progress=false",
     )
-    sampler = train.build(cfg.sampler, "sampler")
+    sampler = builder.build(cfg.sampler, "sampler")
     sampler.switch.tau = 2.0  # on; equal scores then keep tau at 1 -> decays towards off
-    summary = train.run(cfg, tmp_path)
+    summary = builder.run(cfg, tmp_path)
     assert summary["fallbacks"] >= 1 or summary["importance_steps"] == 0
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(rows[-1]["tau"]) <= 1.0 + 1e-6  # equal scores: no variance to reduce
@@ -300,7 +298,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def test_checkpoint_loads_with_weights_only(compose, tmp_path):
-    import train
+    from importance_sampling import builder
     from importance_sampling.trainer import load_checkpoint
 
     cfg = compose(
@@ -312,7 +310,7 @@ def test_checkpoint_loads_with_weights_only(compose, tmp_path):
         "trainer.checkpoint_unit=steps",
         "trainer.progress=false",
     )
-    train.run(cfg, tmp_path)
+    builder.run(cfg, tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True inside
     assert state["counters"]["step"] == 20 and len(state["rows"]) == 3
     assert not (tmp_path / "checkpoint.pt.tmp").exists()

@@ -3,17 +3,18 @@ import itertools
 import pytest
 import torch
 
+from importance_sampling.order import EpochOrder
+from importance_sampling.samplers import ImportanceSampler, Presample, UniformSampler
 from importance_sampling.sampling import (
-    ImportanceSampler,
-    IndexStream,
     NonFiniteScoresError,
-    UniformSampler,
     VarianceReductionSwitch,
     default_tau_threshold,
     equivalent_batch_increment,
     importance_probabilities,
     importance_weights,
     resample,
+    score_sums,
+    tau_from_sums,
 )
 from importance_sampling.scores import cross_entropy
 
@@ -98,7 +99,24 @@ def test_switch_turns_on_and_off():
     for _ in range(3):
         switch.update(torch.tensor(1.0))  # a tensor (on the device) is read when next needed
     assert not switch.on and switch.tau == pytest.approx(1.15625)
-    assert isinstance(switch.tau, float) and switch.state_dict() == {"tau": switch.tau}
+    assert isinstance(switch.tau, float)
+    assert switch.state_dict() == {"tau": switch.tau, "decision": False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_switch_decides_one_step_late_without_waiting():
+    switch = VarianceReductionSwitch(threshold=1.5, momentum=0.0)
+    switch.update(torch.tensor(3.0, device="cuda"))  # on, from now
+    assert not switch.on  # the decision of the update before: still off
+    switch.update(torch.tensor(1.0, device="cuda"))
+    assert switch.on  # ... now the first update's decision
+    state = switch.state_dict()
+    assert state == {"tau": 1.0, "decision": True, "pending": False}
+    resumed = VarianceReductionSwitch(threshold=1.5, momentum=0.0)
+    resumed.load_state_dict(state)
+    resumed.update(torch.tensor(3.0, device="cuda"))
+    switch.update(torch.tensor(3.0, device="cuda"))
+    assert resumed.on == switch.on is False  # the same next decision as the uninterrupted one
 
 
 def test_all_zero_scores_fall_back_to_uniform_and_non_finite_scores_raise():
@@ -121,11 +139,53 @@ def test_unchecked_probabilities_match_the_checked_ones_without_a_sync():
     assert importance_probabilities(torch.tensor([1.0, float("nan")]), check=False).isnan().any()
 
 
-def test_index_stream_is_a_permutation_per_epoch():
-    stream = IndexStream(10, torch.Generator().manual_seed(0))
-    first = torch.cat([stream.take(5), stream.take(5)])
+def test_tau_from_score_sums_is_b_sum_g_squared_and_adds_up_over_ranks():
+    """What data-parallel ranks all-reduce: [sum s, sum s^2, n] of each rank's scores gives the
+    tau of the combined presample."""
+    scores = torch.tensor([0.3, 1.0, 2.5, 0.1, 0.9, 4.0], dtype=torch.float64)
+    g = importance_probabilities(scores).double()
+    for kind in ("variance", "std"):
+        torch.testing.assert_close(
+            tau_from_sums(score_sums(scores), kind),
+            equivalent_batch_increment(g, kind).double(),
+        )
+        halves = score_sums(scores[:3]) + score_sums(scores[3:])  # two ranks' sums, added
+        torch.testing.assert_close(
+            tau_from_sums(halves, kind), tau_from_sums(score_sums(scores), kind)
+        )
+    assert tau_from_sums(score_sums(torch.zeros(5))).item() == 1.0  # all zero: uniform
+    assert tau_from_sums(score_sums(torch.tensor([1.0, float("nan")]))).isnan()
+
+
+def test_epoch_order_is_a_seeded_permutation_per_epoch_for_any_batch_size():
+    order = EpochOrder(10, seed=3)
+    first = torch.cat([order.take(5), order.take(5)])
     assert sorted(first.tolist()) == list(range(10))
-    assert len(stream.take(7)) == 7  # a new permutation once the old one is used up
+    assert order.passes == 1.0 and len(order.take(7)) == 7  # a new permutation once used up
+    assert order.epoch == 1 and not torch.equal(order._share[:7], first[:7])
+    again = EpochOrder(10, seed=3)
+    assert torch.equal(torch.cat([again.take(4), again.take(6)]), first)  # the seed fixes it
+    again.load_state_dict(order.state_dict())  # the position is two integers
+    assert torch.equal(again.take(3), order.take(3))
+
+
+def test_epoch_order_shards_are_disjoint_cover_the_data_and_change_with_the_epoch():
+    n, world = 11, 3  # 11 = 3 x 3 + 2: the 2 last of each epoch's permutation are dropped
+    orders = [EpochOrder(n, seed=0, rank=r, world_size=world) for r in range(world)]
+    single = EpochOrder(n, seed=0)
+    shares = []
+    for epoch in range(2):
+        chunks = [torch.cat([o.take(2), o.take(1)]) for o in orders]  # 3 = n // world each
+        flat = torch.cat(chunks)
+        assert len(set(flat.tolist())) == 9  # disjoint
+        # the W chunks of a step are W k consecutive entries of the one permutation
+        perm = single._make_share() if epoch == 0 else None
+        if perm is not None:
+            torch.testing.assert_close(torch.stack(chunks, 1).flatten()[:6], perm[:6])
+        shares.append([set(c.tolist()) for c in chunks])
+        single.epoch += 1
+    assert shares[0] != shares[1]  # reshuffled per epoch
+    assert all(o.epoch == 1 for o in orders)  # every rank rolls over at the same step
 
 
 @pytest.mark.parametrize(
@@ -145,11 +205,12 @@ def test_invalid_sampler_options_name_the_option(kwargs, match):
 
 
 def test_batch_or_presample_larger_than_the_dataset_is_an_error():
-    gen = torch.Generator()
     with pytest.raises(ValueError, match="larger than the training set"):
-        UniformSampler(batch_size=50).setup(40, gen, torch.device("cpu"))
+        UniformSampler(batch_size=50).setup(40)
     with pytest.raises(ValueError, match="presample_size=120 is larger"):
-        ImportanceSampler(batch_size=20, presample_size=120).setup(100, gen, torch.device("cpu"))
+        ImportanceSampler(batch_size=20, presample_size=120).setup(100)
+    with pytest.raises(ValueError, match="presample_size .B=32. must be larger"):
+        ImportanceSampler(batch_size=32, presample_size=32)
 
 
 class Scripted(torch.nn.Module):
@@ -163,6 +224,12 @@ class Scripted(torch.nn.Module):
         return self.table[x.long().squeeze(1)]
 
 
+def load(sampler, x, y):
+    """The next presample the sampler's index stream asks for."""
+    idx = next(sampler.batches())
+    return Presample(x[idx], y[idx], idx)
+
+
 def test_importance_sampler_picks_high_score_points_and_weights_them():
     n = 40
     y = torch.zeros(n, dtype=torch.long)
@@ -171,21 +238,26 @@ def test_importance_sampler_picks_high_score_points_and_weights_them():
     logits[:4, 0], logits[:4, 1] = -10.0, 10.0  # points 0..3 confidently wrong: large score
     x = torch.arange(n, dtype=torch.float32)[:, None]
     sampler = ImportanceSampler("upper_bound", batch_size=8, presample_size=40, tau_threshold=1.0)
-    sampler.setup(n, torch.Generator().manual_seed(0), torch.device("cpu"))
-    sampler.switch.tau = 5.0  # switched on
-    batch = sampler.sample(Scripted(logits), x, y, cross_entropy)
-    assert batch.importance and set(batch.indices.tolist()) <= {0, 1, 2, 3}
+    sampler.setup(n)
+    sampler.switch.tau = 5.0  # switched on: the index stream asks for B points
+    presample = load(sampler, x, y)
+    assert len(presample) == 40
+    chosen = sampler.select(Scripted(logits), presample, cross_entropy)
+    assert chosen.importance and set(chosen.indices.tolist()) <= {0, 1, 2, 3}
+    assert torch.equal(chosen.x[:, 0].long(), chosen.indices)  # the trained views are the scored
     # four equal scores out of B=40: g = 1/4 each, w = 1/(B g) = 0.1
-    torch.testing.assert_close(batch.weights, torch.full((8,), 0.1), rtol=1e-3, atol=0)
+    torch.testing.assert_close(chosen.weights, torch.full((8,), 0.1), rtol=1e-3, atol=0)
     assert sampler.tau > 5.0 * 0.9  # tau_hat = B sum g^2 = 10 pushed the average up
     assert sampler.scored == 40
 
 
 def test_uniform_steps_update_tau_from_the_batch_forward_pass():
     sampler = ImportanceSampler("loss", batch_size=4, presample_size=8, tau_momentum=0.0)
-    sampler.setup(8, torch.Generator().manual_seed(0), torch.device("cpu"))
-    batch = sampler.sample(None, torch.zeros(8, 1), torch.zeros(8, dtype=torch.long), cross_entropy)
-    assert not batch.importance and batch.weights is None
-    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
-    sampler.observe(batch, None, None, torch.zeros(4, dtype=torch.long), logits, cross_entropy)
+    sampler.setup(8)
+    chosen = sampler.select(
+        None, load(sampler, torch.zeros(8, 1), torch.zeros(8, dtype=torch.long)), cross_entropy
+    )
+    assert not chosen.importance and chosen.weights is None and len(chosen) == 4
+    logits = torch.zeros(4, 2)
+    sampler.update(chosen, logits, cross_entropy)
     assert sampler.tau == pytest.approx(1.0)  # equal losses: no variance to reduce

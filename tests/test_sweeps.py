@@ -122,18 +122,18 @@ def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
 ):
     import wandb
 
-    import train
+    from importance_sampling import builder
     from importance_sampling.trainer import TrainingError
 
     summaries = []
     for seed in (0, 1):
         cfg = compose("logger=wandb", "sampler=upper_bound", f"seed={seed}", *TINY)
-        summaries.append(train.run(cfg, tmp_path / f"run{seed}"))
+        summaries.append(builder.run(cfg, tmp_path / f"run{seed}"))
         assert wandb.run is None  # finished by on_end
     # a job that fails: its W&B run is finished too (exit code 1), the next job gets its own
     cfg = compose("logger=wandb", "sampler=uniform", "optimizer.lr=1e6", "seed=2", *TINY)
     with pytest.raises(TrainingError):
-        train.run(cfg, tmp_path / "diverged")
+        builder.run(cfg, tmp_path / "diverged")
     assert wandb.run is None
 
     runs = sorted(wandb_offline.glob("offline-run-*"))
@@ -314,7 +314,7 @@ def test_unreachable_wandb_degrades_to_offline_with_one_warning(
     """Online mode without a network (or a login): one warning, the run is logged offline."""
     import wandb
 
-    import train
+    from importance_sampling import builder
 
     real_init = wandb.init
     modes = []
@@ -328,7 +328,7 @@ def test_unreachable_wandb_degrades_to_offline_with_one_warning(
     monkeypatch.setattr(wandb, "init", init)
     cfg = compose("logger=wandb", "logger.mode=online", *TINY)
     with pytest.warns(UserWarning, match="logging offline"):
-        summary = train.run(cfg, tmp_path / "run")
+        summary = builder.run(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and modes == ["online", "offline"]
     assert len(list(wandb_offline.glob("offline-run-*"))) == 1
 
@@ -336,7 +336,7 @@ def test_unreachable_wandb_degrades_to_offline_with_one_warning(
 def test_wandb_failing_mid_run_never_stops_training(compose, tmp_path, wandb_offline, monkeypatch):
     import wandb
 
-    import train
+    from importance_sampling import builder
 
     calls = []
 
@@ -347,7 +347,7 @@ def test_wandb_failing_mid_run_never_stops_training(compose, tmp_path, wandb_off
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
     cfg = compose("logger=wandb", *TINY)
     with pytest.warns(UserWarning, match="W&B logging failed"):
-        summary = train.run(cfg, tmp_path / "run")
+        summary = builder.run(cfg, tmp_path / "run")
     assert summary["status"] == "completed" and summary["step"] == 20
     assert len(calls) == 1  # gave up after the first failure
     assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 5

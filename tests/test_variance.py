@@ -169,9 +169,9 @@ SMALL_RUN = [
 
 
 def test_callback_writes_variance_csv_at_its_cadence(compose, tmp_path):
-    import train
+    from importance_sampling import builder
 
-    train.run(compose(*SMALL_RUN, "variance.every_rows=2"), tmp_path)
+    builder.run(compose(*SMALL_RUN, "variance.every_rows=2"), tmp_path)
     rows = read_variance(tmp_path)
     assert list(rows[0]) == list(VARIANCE_COLUMNS)
     # metrics rows at steps 0, 5, 10, 15, 20: every second one is measured
@@ -187,11 +187,11 @@ def test_callback_writes_variance_csv_at_its_cadence(compose, tmp_path):
 
 
 def test_callback_is_off_by_default_and_measures_the_end_of_a_run(compose, tmp_path):
-    import train
+    from importance_sampling import builder
 
-    train.run(compose(*SMALL_RUN), tmp_path / "off")
+    builder.run(compose(*SMALL_RUN), tmp_path / "off")
     assert not (tmp_path / "off" / "variance.csv").exists()
-    train.run(
+    builder.run(
         compose(
             *SMALL_RUN,
             "trainer.max_steps=17",
@@ -275,10 +275,10 @@ def test_script_measures_the_checkpoint_of_a_run_that_did_not_measure(compose, t
 
     from omegaconf import OmegaConf
 
-    import train
+    from importance_sampling import builder
 
     cfg = compose(*SMALL_RUN, "trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps")
-    train.run(cfg, tmp_path)
+    builder.run(cfg, tmp_path)
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as train.py's Hydra run does
     assert not (tmp_path / "variance.csv").exists()
@@ -295,20 +295,22 @@ def test_script_measures_the_checkpoint_of_a_run_that_did_not_measure(compose, t
 def test_a_resumed_run_keeps_the_measurements_up_to_its_checkpoint(compose, tmp_path):
     import shutil
 
-    import train
+    from importance_sampling import builder
 
     every = [
         "trainer.checkpoint_every=10",
         "trainer.checkpoint_unit=steps",
         "variance.every_rows=1",
     ]
-    train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=10"), tmp_path)
+    builder.run(compose(*SMALL_RUN, *every, "trainer.max_steps=10"), tmp_path)
     shutil.copy(tmp_path / "checkpoint.pt", tmp_path / "step10.pt")
-    train.run(compose(*SMALL_RUN, *every, "trainer.max_steps=15", "trainer.resume=true"), tmp_path)
+    builder.run(
+        compose(*SMALL_RUN, *every, "trainer.max_steps=15", "trainer.resume=true"), tmp_path
+    )
     assert sorted({int(r["step"]) for r in read_variance(tmp_path)}) == [0, 5, 10, 15]
     # as if killed after the row at step 15 but before its checkpoint: resume from step 10
     shutil.move(tmp_path / "step10.pt", tmp_path / "checkpoint.pt")
-    train.run(compose(*SMALL_RUN, *every, "trainer.resume=true"), tmp_path)
+    builder.run(compose(*SMALL_RUN, *every, "trainer.resume=true"), tmp_path)
     steps = [int(r["step"]) for r in read_variance(tmp_path)]
     assert steps == [s for s in (0, 5, 10, 15, 20) for _ in DISTRIBUTIONS]  # 15 redone, once
     assert list(pd.read_csv(tmp_path / "metrics.csv").step) == [0, 5, 10, 15, 20]

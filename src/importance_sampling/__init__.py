@@ -1,28 +1,28 @@
 """Deep learning with importance sampling (Katharopoulos & Fleuret, ICML 2018) in PyTorch.
 
-scores.py    per-sample importance: loss, upper bound, exact gradient norm
-sampling.py  presample -> score -> resample -> weights; the tau switch; the samplers
-data.py      datasets as tensors        models.py  the networks
-trainer.py   the loop, timing, evaluation, metrics files
+sampling.py   the maths: probabilities, resampling, weights, tau and its switch
+samplers.py   which points to load and which to train on (uniform, loss, upper bound, gradient norm)
+baselines.py  online batch selection, history, selective backprop, InfoBatch
+scores.py     per-sample importance: loss, upper bound, exact gradient norm
+data.py       datasets (tensors on the device, or streamed)   models.py  the networks
+trainer.py    the loop; budget.py, runtime.py, sources.py, outputs.py, distributed.py its parts
+builder.py    from a Hydra config to a Trainer (train.py, scripts, tests)
 """
 
+from .samplers import ImportanceSampler, Presample, Sampler, Selection, UniformSampler
 from .sampling import (
-    Batch,
-    ImportanceSampler,
-    UniformSampler,
     VarianceReductionSwitch,
     equivalent_batch_increment,
     importance_probabilities,
     resample,
 )
 from .scores import cross_entropy, gradient_norm_scores, loss_scores, upper_bound_scores
-from .trainer import METRICS_COLUMNS, Trainer
 
 __all__ = [
-    "METRICS_COLUMNS",
-    "Batch",
     "ImportanceSampler",
-    "Trainer",
+    "Presample",
+    "Sampler",
+    "Selection",
     "UniformSampler",
     "VarianceReductionSwitch",
     "cross_entropy",

@@ -1,8 +1,11 @@
-"""Datasets as tensors. Small datasets live whole on the training device: no DataLoader, no
-worker processes, an index tensor is a minibatch.
+"""Datasets, in two forms:
 
-Every loader returns a ``TensorDataset`` with float inputs (n, C, H, W), already normalised, and
-int64 labels (n,).
+- ``TensorDataset``: small datasets that live whole on the training device as tensors (float
+  inputs (n, C, H, W), already normalised; int64 labels (n,)): no DataLoader, no worker
+  processes, an index tensor is a minibatch, augmentation runs on the device. The fast default.
+- ``StreamingDataset``: map-style datasets that return (x, y) and are read through a DataLoader
+  (sources.py), decoded and augmented in worker processes: datasets larger than memory.
+  Any ``TensorDataset`` streams too (``.streaming()``), e.g. to compare the two paths.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = (  # MNIST and Fashion-MNIST, as torchvision keeps them in <root>/<Name>/raw
@@ -53,9 +57,63 @@ class TensorDataset:
             test_y=self.test_y.to(device),
         )
 
+    def __len__(self) -> int:
+        return len(self.train_x)
+
     def __repr__(self) -> str:
         return (
             f"{self.name}: {len(self.train_x)} train / {len(self.test_x)} test, "
+            f"inputs {self.input_shape}, {self.num_classes} classes"
+        )
+
+    def streaming(self) -> StreamingDataset:
+        """The same data as map-style datasets, augmented item by item (in DataLoader workers)."""
+        return StreamingDataset(
+            self.name,
+            TensorItems(self.train_x, self.train_y, self.augment),
+            TensorItems(self.train_x, self.train_y),
+            TensorItems(self.test_x, self.test_y),
+            self.num_classes,
+            self.input_shape,
+        )
+
+
+class TensorItems(Dataset):
+    """Map-style view of tensors: item i is (x[i], y[i]), with ``augment`` applied to it alone
+    (drawing from torch's global random generator, which sources.py seeds item by item)."""
+
+    def __init__(self, x: Tensor, y: Tensor, augment: Callable | None = None):
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.x[i]
+        if self.augment is not None:
+            x = self.augment(x[None])[0]
+        return x, self.y[i]
+
+
+@dataclass
+class StreamingDataset:
+    """A dataset read through a DataLoader: map-style datasets that return (x, y) tensors.
+    ``train`` applies the training-time augmentation; ``train_eval`` holds the same points
+    without it (train_loss is measured on them); ``test`` is the test split."""
+
+    name: str
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.name} (streamed): {len(self.train)} train / {len(self.test)} test, "
             f"inputs {self.input_shape}, {self.num_classes} classes"
         )
 
@@ -416,11 +474,17 @@ def image_folder(
     train_size: int | None = None,
     test_size: int | None = None,
     augment: bool = True,
-) -> TensorDataset:
-    """Any folder of class sub-folders (``root/<class>/<image>``), e.g. MIT67 indoor scenes, loaded
-    once into memory at ``image_size`` (resize + centre crop) with ImageNet normalisation (for
-    pretrained networks). Test split: ``test_root`` with the same classes, or a stratified
-    ``test_fraction`` of ``root``. Memory: n x 3 x image_size^2 floats."""
+    stream: bool = False,
+) -> TensorDataset | StreamingDataset:
+    """Any folder of class sub-folders (``root/<class>/<image>``), e.g. MIT67 indoor scenes or
+    ImageNet, with ImageNet normalisation (for pretrained networks). Test split: ``test_root``
+    with the same classes, or a stratified ``test_fraction`` of ``root``.
+
+    ``stream=False`` loads every image once into memory at ``image_size`` (resize + centre crop;
+    n x 3 x image_size^2 floats), augmented on the device by random crops and flips.
+    ``stream=True`` reads images from disk batch by batch (sources.py), decoded and augmented in
+    DataLoader workers by a random-resized crop and a flip: a dataset larger than memory works.
+    Evaluation views are resized and centre-cropped in both cases."""
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
@@ -430,45 +494,67 @@ def image_folder(
             f"image folder {root} does not exist: set dataset.root to a folder of "
             f"class sub-folders (root/<class>/<image>)"
         )
-    tf = transforms.Compose(
-        [
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+    normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    eval_tf = transforms.Compose(
+        [transforms.Resize(image_size), transforms.CenterCrop(image_size), *normalise]
     )
+    train_tf = eval_tf
+    if augment and stream:
+        train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(image_size),
+                transforms.RandomHorizontalFlip(),
+                *normalise,
+            ]
+        )
 
-    def load(folder: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    def folder(path: Path, tf, classes: list[str] | None = None) -> ImageFolder:
         try:
-            ds = ImageFolder(folder, transform=tf)
-            if classes is not None and ds.classes != classes:
-                raise DataError(f"{folder} has classes {ds.classes[:5]}..., unlike {root}")
-            xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+            ds = ImageFolder(path, transform=tf)
         except (FileNotFoundError, OSError) as e:
-            raise DataError(f"could not read images from {folder}: {e}") from e
-        return torch.stack(xs), torch.tensor(ys), ds.classes
+            raise DataError(f"could not read images from {path}: {e}") from e
+        if classes is not None and ds.classes != classes:
+            raise DataError(f"{path} has classes {ds.classes[:5]}..., unlike {root}")
+        return ds
 
-    x, y, classes = load(root)
+    train_ds = folder(root, train_tf)
+    classes = train_ds.classes
     if test_root is not None:
-        test_x, test_y, _ = load(Path(test_root).expanduser(), classes)
-        train_x, train_y = x, y
+        test_ds = folder(Path(test_root).expanduser(), eval_tf, classes)
+        train_idx, test_idx = list(range(len(train_ds))), list(range(len(test_ds)))
     else:
         from sklearn.model_selection import train_test_split
 
+        test_ds = folder(root, eval_tf)
         train_idx, test_idx = train_test_split(
-            torch.arange(len(y)).numpy(),
+            list(range(len(train_ds))),
             test_size=test_fraction,
             random_state=seed,
-            stratify=y.numpy(),
+            stratify=train_ds.targets,
         )
-        train_x, train_y, test_x, test_y = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
-    return _make(
+    train_idx, test_idx = train_idx[:train_size], test_idx[:test_size]
+    if stream:
+        eval_train = train_ds if train_tf is eval_tf else folder(root, eval_tf)
+        return StreamingDataset(
+            root.name,
+            Subset(train_ds, train_idx),
+            Subset(eval_train, train_idx),
+            Subset(test_ds, test_idx),
+            len(classes),
+            (3, image_size, image_size),
+        )
+
+    def load(ds: ImageFolder, indices: list[int]) -> tuple[Tensor, Tensor]:
+        try:
+            xs, ys = zip(*(ds[i] for i in indices), strict=True)
+        except OSError as e:
+            raise DataError(f"could not read images from {ds.root}: {e}") from e
+        return torch.stack(xs), torch.tensor(ys)
+
+    return TensorDataset(
         root.name,
-        (train_x, train_y),
-        (test_x, test_y),
+        *load(train_ds, train_idx),
+        *load(test_ds, test_idx),
         len(classes),
-        train_size,
-        test_size,
         RandomCropFlip(image_size // 8) if augment else None,
     )

@@ -1,165 +1,101 @@
-"""The training loop: steps, timing, evaluation, metrics files.
+"""The training loop: steps, timing, evaluation, checkpoints.
 
-One step = sampler picks indices and weights -> forward -> weighted loss -> backward -> SGD step.
-``train_time`` counts only the steps (scoring included), never evaluation, so samplers are
-compared on the time they spend training. Outputs, in ``out_dir``:
+One step = load a presample -> the sampler selects the points to train on and their weights ->
+forward -> weighted loss -> backward -> the sampler updates (tau, histories) -> optimizer step.
+``train_time`` counts only the steps (loading and scoring included), never evaluation, so
+samplers are compared on the time they spend training.
 
-- ``metrics.csv``   one row per evaluation (columns: ``METRICS_COLUMNS``), flushed as written;
-- ``summary.json``  the last row plus totals, written when the run ends (also after an error);
-- ``checkpoint.pt``  everything needed to resume exactly (with ``checkpoint_every``), written
-                     atomically at metrics rows whose losses are finite and at the end (never on failure).
+The other concerns live beside it: budget.py (when to stop, when to write a row, the learning
+rate schedule), runtime.py (device, autocast, compile, DDP), sources.py (where presamples come
+from), outputs.py (metrics.csv, summary.json, checkpoints, progress). With several data-parallel
+ranks every rank runs this loop; the clock is rank 0's, so the ranks stop and evaluate at the
+same step, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .data import TensorDataset
-from .sampling import NonFiniteScoresError, Sampler
+from .budget import Budget, Clock, LRSchedule
+from .data import StreamingDataset, TensorDataset
+from .order import mix_seed
+from .outputs import (
+    Callback,
+    MetricsFile,
+    ProgressBar,
+    SummaryFile,
+    json_safe,
+    load_checkpoint,
+    save_checkpoint,
+    to_cpu,
+)
+from .runtime import Runtime
+from .samplers import Sampler
 from .scores import LossFn, cross_entropy
+from .sources import LoaderOptions, make_source
 
-METRICS_COLUMNS = (
-    "step",  # optimizer steps so far
-    "samples",  # training points back-propagated so far (b per step)
-    "epoch",  # samples / training-set size
-    "train_time",  # seconds in training steps, scoring included, evaluation excluded
-    "wall_time",  # seconds since fit() started, evaluation included
-    "train_loss",  # unweighted mean loss over the train-eval set (see Trainer.train_eval_size)
-    "train_error",  # its classification error
-    "test_loss",
-    "test_error",
-    "tau",  # the sampler's moving average of the equivalent batch-size increment
-    "is_fraction",  # share of steps since the previous row that used importance sampling
-    "scored",  # points scored by the sampler so far (presample forwards)
-    "fallbacks",  # importance steps whose scores were all equal or zero (so a uniform step)
-)  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
-
-
-LR_SCHEDULES = ("constant", "step", "cosine")
-
-
-def lr_factor(
-    schedule: str, progress: float, milestones: Sequence[float] = (0.5, 0.8), gamma: float = 0.2
-) -> float:
-    """Multiplier of the base learning rate at ``progress`` in [0, 1] of the budget."""
-    if schedule == "step":
-        return gamma ** sum(progress >= m for m in milestones)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
-class Callback:
-    """Hook into a run without touching the loop: logging, measurements, checkpoints.
-    Both methods are called outside the timed steps (their cost is not train_time)."""
-
-    def on_row(self, trainer: Trainer, row: dict) -> None:
-        """After each metrics row is written."""
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        """When the run ends, whatever the status (also after an error)."""
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or scores); metrics so far are on disk."""
 
 
-def _check(name: str, value: float | None, minimum: float = 0.0, allow_none: bool = True) -> None:
-    """Raise a one-line ValueError naming ``trainer.<name>`` unless value > minimum (or None)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > minimum:
-        raise ValueError(f"trainer.{name} must be a number > {minimum:g}, got {value!r}")
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, no pickled code."""
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else the CPU; a CUDA device that is not there is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and (
-        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ValueError(
-            f"{device} was asked for, but this machine has "
-            f"{torch.cuda.device_count()} CUDA devices (use device=auto or cpu)"
-        )
-    return resolved
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    batches: Iterable[tuple[Tensor, Tensor]],
     loss_fn: LossFn = cross_entropy,
-    batch_size: int = 4096,
-    autocast: Callable = nullcontext,
+    runtime: Runtime | None = None,
 ) -> tuple[float, float]:
-    """Mean per-sample loss and classification error of ``model`` on (x, y), in eval mode."""
+    """Mean per-sample loss and classification error of ``model`` (in eval mode) over
+    ``batches`` of (x, y), summed over every rank's share."""
+    runtime = runtime or Runtime("cpu")
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    wrong = torch.zeros((), device=x.device)
-    for i in range(0, len(x), batch_size):
-        with autocast():
-            logits = model(x[i : i + batch_size])
-        loss_sum += loss_fn(logits, y[i : i + batch_size]).float().sum()
-        wrong += (logits.argmax(1) != y[i : i + batch_size]).sum()
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # loss, errors, points
+    for x, y in batches:
+        with runtime.autocast():
+            logits = model(x)
+        sums[0] += loss_fn(logits, y).double().sum()
+        sums[1] += (logits.argmax(1) != y).sum()
+        sums[2] += len(y)
     model.train(was_training)
-    return loss_sum.item() / len(x), wrong.item() / len(x)
+    loss, wrong, n = runtime.dist.all_reduce_(sums).tolist()
+    return loss / max(n, 1), wrong / max(n, 1)
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` with ``sampler`` until a budget is spent.
+    """Trains ``model`` on ``data`` with ``sampler`` until the budget is spent.
 
     Args:
-        time_budget: stop after this many seconds of train_time (None: no time limit).
-        max_steps / max_epochs: stop after this many steps / passes over the data (None: no limit).
-        eval_every_seconds / eval_every_steps: write a metrics row at this cadence of train_time
-            or steps (whichever comes first; at least one must be set).
+        data: a TensorDataset (kept on the device) or a StreamingDataset (read by a DataLoader
+            with ``loader`` options).
+        budget: when to stop and when to write a metrics row (default: 60 s, a row every 2 s).
+        runtime: device, autocast, channels_last, compile, DDP, finiteness checks.
+        schedule: the learning-rate schedule over the budget.
         train_eval_size: train_loss is measured on a fixed random subset of this many training
-            points (None: the whole training set), drawn once with ``seed``.
+            points (None: all of them), drawn once with ``seed``.
         eval_batch_size: points per forward pass during evaluation.
-        amp: bf16 autocast ("auto": on when the device is CUDA, off on the CPU).
-        progress: show a tqdm progress bar.
         checkpoint_every: write ``checkpoint.pt`` at the first metrics row after this many
             ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: never).
             A row whose train or test loss is not finite stops the run instead: the checkpoint on
             disk is always a model that was healthy.
-        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
-        lr_schedule: ``constant``, ``step`` (times ``lr_gamma`` at each of ``lr_milestones``) or
-            ``cosine``, over the run's progress: the largest fraction used of the time, step or
-            epoch budget (so milestones are fractions, e.g. 0.5 and 0.8).
-        channels_last: NHWC memory format for 4-d inputs ("auto": on CUDA only).
-        compile: torch.compile the model.
-        check_finite: ``step`` checks the loss at every step (the error names the exact step; one
-            host synchronisation per step), ``row`` at each metrics row; ``auto``: step on the
-            CPU, row on CUDA.
-        callbacks: ``Callback`` objects told of every metrics row and of the end of the run.
+        resume: ``False``; ``True``: continue from ``out_dir/checkpoint.pt`` when it exists,
+            else start a new run; ``"must"``: the checkpoint must exist.
+        progress: show a progress bar.
+        callbacks: told of every metrics row and of the end of the run (rank 0 only).
     """
 
     def __init__(
@@ -167,210 +103,178 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         sampler: Sampler,
-        data: TensorDataset,
+        data: TensorDataset | StreamingDataset,
         out_dir: str | Path,
         loss_fn: LossFn = cross_entropy,
-        device: torch.device | str = "cpu",
         seed: int = 0,
-        time_budget: float | None = 60.0,
-        max_steps: int | None = None,
-        max_epochs: float | None = None,
-        eval_every_seconds: float | None = 2.0,
-        eval_every_steps: int | None = None,
+        budget: Budget | None = None,
+        runtime: Runtime | None = None,
+        schedule: LRSchedule | None = None,
         train_eval_size: int | None = 10_000,
         eval_batch_size: int = 4096,
-        amp: bool | str = "auto",
-        progress: bool = True,
+        loader: LoaderOptions | None = None,
         checkpoint_every: float | None = None,
         checkpoint_unit: str = "seconds",
-        resume: bool = False,
-        lr_schedule: str = "constant",
-        lr_milestones: Sequence[float] = (0.5, 0.8),
-        lr_gamma: float = 0.2,
-        channels_last: bool | str = "auto",
-        compile: bool = False,
-        check_finite: str = "auto",
+        resume: bool | str = False,
+        progress: bool = True,
         callbacks: Sequence[Callback] = (),
     ):
         for name, value in [
-            ("time_budget", time_budget),
-            ("max_steps", max_steps),
-            ("max_epochs", max_epochs),
-            ("eval_every_seconds", eval_every_seconds),
-            ("eval_every_steps", eval_every_steps),
             ("train_eval_size", train_eval_size),
-            ("eval_batch_size", eval_batch_size),
             ("checkpoint_every", checkpoint_every),
+            ("eval_batch_size", eval_batch_size),
         ]:
-            _check(name, value, allow_none=name != "eval_batch_size")
-        if time_budget is None and max_steps is None and max_epochs is None:
-            raise ValueError(
-                "set at least one of trainer.time_budget, trainer.max_steps, trainer.max_epochs"
-            )
-        if eval_every_seconds is None and eval_every_steps is None:
-            raise ValueError("set trainer.eval_every_seconds or trainer.eval_every_steps")
+            if value is None and name != "eval_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"trainer.{name} must be a number > 0, got {value!r}")
         if checkpoint_unit not in ("seconds", "steps"):
             raise ValueError(
                 f"trainer.checkpoint_unit must be seconds or steps, got {checkpoint_unit!r}"
             )
-        if amp not in ("auto", True, False):
-            raise ValueError(f"trainer.amp must be auto, true or false, got {amp!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
-            )
-        if not all(0 < m < 1 for m in lr_milestones) or not 0 < lr_gamma <= 1:
-            raise ValueError(
-                "trainer.lr_milestones must be fractions in (0, 1) of the budget and "
-                f"trainer.lr_gamma in (0, 1], got {list(lr_milestones)} and {lr_gamma}"
-            )
-        if check_finite not in ("auto", "step", "row"):
-            raise ValueError(
-                f"trainer.check_finite must be auto, step or row, got {check_finite!r}"
-            )
-        self.device = torch.device(device)
+        if resume not in (True, False, "must"):
+            raise ValueError(f"trainer.resume must be true, false or must, got {resume!r}")
+        self.budget, self.schedule = budget or Budget(), schedule or LRSchedule()
+        self.runtime = runtime or Runtime()
+        self.dist, self.device = self.runtime.dist, self.runtime.device
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
-        self.data = data.to(self.device)
-        self.out_dir = Path(out_dir)
-        self.time_budget, self.max_steps, self.max_epochs = time_budget, max_steps, max_epochs
-        self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
-        self.eval_batch_size, self.progress = eval_batch_size, progress
+        self.out_dir, self.seed = Path(out_dir), seed
         self.checkpoint_every, self.checkpoint_unit, self.resume = (
             checkpoint_every,
             checkpoint_unit,
             resume,
         )
-        self.callbacks = list(callbacks)
-        self.lr_schedule, self.lr_milestones, self.lr_gamma = (
-            lr_schedule,
-            tuple(lr_milestones),
-            lr_gamma,
-        )
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        on_cuda = self.device.type == "cuda"
-        self.check_finite_every_step = check_finite == "step" or (
-            check_finite == "auto" and not on_cuda
+        # the step calls train_model (DDP-wrapped with several ranks); scoring and evaluation
+        # call forward (never the DDP wrapper); both share the parameters of model
+        self.train_model, self.forward = self.runtime.prepare(model)
+        if self.dist.enabled:  # dropout differs between ranks; the initial weights come from rank 0
+            torch.manual_seed(mix_seed(seed, self.dist.rank))
+        self.data, self.num_samples = data, len(data)
+        self.sampler.setup(self.num_samples, seed, self.device, self.dist)
+        self.source = make_source(
+            data, sampler, self.runtime, seed, train_eval_size, eval_batch_size, loader
         )
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
-        if (channels_last == "auto" and on_cuda) or channels_last is True:
-            self.model.to(memory_format=torch.channels_last)
-            if self.data.train_x.dim() == 4:
-                self.data.train_x = self.data.train_x.contiguous(memory_format=torch.channels_last)
-                self.data.test_x = self.data.test_x.contiguous(memory_format=torch.channels_last)
-        # the compiled module shares its parameters with model; state_dicts use the original
-        self.forward = torch.compile(model) if compile else model
-        use_amp = self.device.type == "cuda" if amp == "auto" else bool(amp)
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if use_amp
-            else nullcontext
-        )
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        n = len(self.data.train_x)
-        subset = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
-            : train_eval_size or n
-        ]
-        self.train_eval_idx = subset.sort().values.to(self.device)
-        self.sampler.setup(n, self.generator, self.device)
-        # Counters; with the model, optimizer, sampler and generators they are the state of a run.
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # losses so far
+        self.callbacks: list[Callback] = []
+        if self.dist.is_main:
+            self.metrics_file = MetricsFile(self.out_dir / "metrics.csv")
+            self.callbacks = [self.metrics_file, SummaryFile(self.out_dir / "summary.json")]
+            if progress:
+                self.callbacks.append(self._progress_bar())
+            self.callbacks += list(callbacks)
+        # Counters; with the model, optimizer, sampler and source they are the state of a run.
         self.step = self.samples = self.importance_steps = 0
         self.train_time = self.wall_offset = 0.0
         self.steps_since_row = self.is_steps_since_row = 0
         self.last_checkpoint = 0.0  # train_time or step of the last checkpoint
         self.rows: list[dict] = []
 
-    # ---------------------------------------------------------------- the step
-    def fetch(self, indices: Tensor) -> Tensor:
-        """Training inputs at ``indices``, augmented on the device when the dataset asks for it."""
-        x = self.data.train_x[indices]
-        return x if self.data.augment is None else self.data.augment(x, self.generator)
+    def _progress_bar(self) -> ProgressBar:
+        """Over seconds of train_time, else over steps (the step budget, or the steps that the
+        epoch or pass budget amounts to)."""
+        limits = self.budget.limits
+        if limits["train_time"] is not None:
+            return ProgressBar(limits["train_time"], True, self.sampler.name)
+        per_epoch = self.num_samples / self.sampler.batch_size
+        totals = [
+            limits["step"],
+            limits["epoch"] and limits["epoch"] * per_epoch,
+            limits["passes"] and limits["passes"] * per_epoch,
+        ]
+        return ProgressBar(min(t for t in totals if t), False, self.sampler.name)
 
-    def train_step(self) -> tuple[Tensor, bool]:
-        """One SGD step; returns (the weighted loss, whether importance sampling chose the batch)."""
-        with self.autocast():
-            batch = self.sampler.sample(self.forward, self.fetch, self.data.train_y, self.loss_fn)
-            x = self.fetch(batch.indices) if batch.inputs is None else batch.inputs
-            y = self.data.train_y[batch.indices]
-            logits = self.forward(x)
-            losses = self.loss_fn(logits, y)
-            loss = losses.mean() if batch.weights is None else (batch.weights * losses).mean()
-        if self.check_finite_every_step:
-            if not torch.isfinite(loss):  # stop at the exact step, before the update
-                raise TrainingError(
-                    f"the training loss is {loss.item()} at step {self.step + 1}: "
-                    "the run diverged (lower the learning rate?)"
-                )
-        else:  # no host synchronisation: checked at the next metrics row
-            self._finite &= torch.isfinite(loss)
-        with self.autocast():
-            self.sampler.observe(batch, self.forward, x, y, logits.detach(), self.loss_fn)
+    @property
+    def clock(self) -> Clock:
+        return Clock(
+            self.train_time, self.step, self.samples / self.num_samples, self.sampler.passes
+        )
+
+    # ---------------------------------------------------------------- the step
+    def train_step(self) -> None:
+        """One SGD step on the points the sampler selects from the next presample."""
+        presample = next(self.source)
+        autocast = self.runtime.autocast
+        with autocast():
+            chosen = self.sampler.select(
+                self.forward, presample, self.loss_fn, more=self.source.__next__
+            )
+            logits = self.train_model(chosen.x)
+            loss = chosen.weighted_mean(self.loss_fn(logits, chosen.y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        with autocast():
+            self.sampler.update(chosen, logits.detach(), self.loss_fn, self.forward)
+        finite = torch.isfinite(loss.detach())
+        if self.runtime.check_every_step:  # stop at the exact step, before the update
+            self._check_finite(finite, loss)
+        else:  # no host synchronisation: checked at the next metrics row
+            self._finite &= finite
         self.optimizer.step()
         self.step += 1
-        self.samples += len(batch.indices)
-        self.importance_steps += batch.importance
+        self.samples += len(chosen) * self.dist.world_size
+        self.importance_steps += chosen.importance
         self.steps_since_row += 1
-        self.is_steps_since_row += batch.importance
-        return loss.detach(), batch.importance
+        self.is_steps_since_row += chosen.importance
+
+    def _check_finite(self, loss_finite: Tensor, loss: Tensor | None = None) -> None:
+        """Raise if the loss or the sampler's scores so far were not finite, on any rank (every
+        rank then raises at the same step)."""
+        bad = torch.stack([~loss_finite, ~self.sampler.finite]).float()
+        loss_bad, scores_bad = self.dist.all_reduce_(bad).tolist()
+        if self.runtime.check_every_step:
+            where = f"at step {self.step + 1}"
+        else:
+            where = f"between step {self.rows[-1]['step']} and step {self.step}"
+        if loss_bad:
+            value = f"is {loss.item()}" if loss is not None else "was not finite"
+            raise TrainingError(
+                f"the training loss {value} {where}: the run diverged (lower the learning rate?)"
+            )
+        if scores_bad:
+            raise TrainingError(
+                f"importance scores are not finite {where}: the run diverged (lower the "
+                "learning rate?)"
+            )
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
-        """Train until a budget is spent; returns the summary (also written to summary.json)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Train until the budget is spent; returns the summary (also written to summary.json)."""
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start_wall = time.perf_counter()
-        status, error = "completed", None
-        if self.resume and (self.out_dir / "checkpoint.pt").is_file():
-            self.load_state_dict(load_checkpoint(self.out_dir / "checkpoint.pt", self.device))
-            self._rewrite_metrics()
-        elif not self.rows:
-            self._log_row()
-        bar = tqdm(
-            total=self._bar_total(),
-            disable=not self.progress,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-            desc=f"{self.sampler.name}",
-        )
-        self._update_bar(bar, self.rows[-1])
+        resumed = self._resume()  # before anything is written: a bad checkpoint changes nothing
+        status, error = "failed", None
         try:
-            self.model.train()
+            if not resumed:
+                self._row()  # the model before training
+            self.train_model.train()
             interval_start = time.perf_counter()
             while True:
-                elapsed = self.train_time + time.perf_counter() - interval_start
-                done = self._budget_spent(elapsed)
-                self._set_lr(self._progress(elapsed))
-                if done or self._row_due(elapsed):
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()  # count queued GPU work in this interval
-                    self.train_time += time.perf_counter() - interval_start
-                    if not self.check_finite_every_step and not self._finite.item():
-                        raise TrainingError(
-                            f"the training loss was not finite between step "
-                            f"{self.rows[-1]['step']} and step {self.step}: the run "
-                            "diverged (lower the learning rate?)"
-                        )
+                clock = self.clock
+                clock.train_time = self._shared(
+                    self.train_time + time.perf_counter() - interval_start
+                )
+                progress = self.budget.progress(clock)
+                self.schedule.apply(self.optimizer, self.base_lrs, progress)
+                self.sampler.progress = progress  # e.g. InfoBatch anneals on the budget
+                done = self.budget.spent(clock)
+                if done or self.budget.row_due(clock, self.rows[-1]):
+                    self.runtime.synchronize()  # count queued GPU work in this interval
+                    self.train_time = self._shared(
+                        self.train_time + time.perf_counter() - interval_start
+                    )
+                    if not self.runtime.check_every_step:
+                        self._check_finite(self._finite)
                     if self.steps_since_row or not done:
-                        row = self._log_row()
-                        self._update_bar(bar, row)
-                        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
-                        if bad:  # the model is broken: stop, and never checkpoint it
-                            raise TrainingError(
-                                f"the {bad[0]} is {row[bad[0]]} at step {self.step}: "
-                                "the run diverged (lower the learning rate?)"
-                            )
-                        if self._checkpoint_due() or (done and self.checkpoint_every):
-                            self.save()
+                        self._row()
                     if done:
                         break
                     interval_start = time.perf_counter()
                 self.train_step()
-        except (TrainingError, NonFiniteScoresError) as e:
-            status, error = (
-                "failed",
-                str(e)
-                if isinstance(e, TrainingError)
-                else f"importance scores are not finite at step {self.step + 1} ({e})",
-            )
+            status = "completed"
+        except TrainingError as e:
+            error = str(e)
             # The model that gave a non-finite loss is broken (the update before it blew up), so
             # it is not saved: a checkpoint.pt on disk is from the last row whose losses were finite.
             kept = "metrics so far are in"
@@ -380,139 +284,46 @@ class Trainer:
         except KeyboardInterrupt:
             status, error = "interrupted", "KeyboardInterrupt"
             raise
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
-            bar.close()
-            summary = self._write_summary(status, error)
+            summary = self._finish(status, error)
         return summary
 
-    def _budget_spent(self, elapsed: float) -> bool:
-        return (
-            (self.time_budget is not None and elapsed >= self.time_budget)
-            or (self.max_steps is not None and self.step >= self.max_steps)
-            or (
-                self.max_epochs is not None
-                and self.samples >= self.max_epochs * len(self.data.train_x)
+    def _shared(self, seconds: float) -> float:
+        """Rank 0's clock reading on every rank (so every rank takes the same decisions)."""
+        return self.dist.broadcast_floats([seconds])[0] if self.dist.enabled else seconds
+
+    def _resume(self) -> bool:
+        """Load the checkpoint when resuming; True if a run was resumed."""
+        path = self.out_dir / "checkpoint.pt"
+        if self.resume and path.is_file():
+            self.load_state_dict(self._read_checkpoint(path))
+            if self.dist.is_main:
+                self.metrics_file.rewrite(self.rows)
+                log.info("resuming from step %d of %s", self.step, path)
+            return True
+        if self.resume == "must":
+            raise CheckpointError(
+                f"no checkpoint in {self.out_dir}: nothing to resume (trainer.resume=must); "
+                "run without it to start a new run"
             )
-        )
+        if self.resume and self.dist.is_main:
+            log.warning("no checkpoint in %s: starting a new run", self.out_dir)
+        return False
 
-    def _progress(self, elapsed: float) -> float:
-        """Fraction of the budget used: the largest of the time, step and epoch fractions."""
-        fractions = [0.0]
-        if self.time_budget is not None:
-            fractions.append(elapsed / self.time_budget)
-        if self.max_steps is not None:
-            fractions.append(self.step / self.max_steps)
-        if self.max_epochs is not None:
-            fractions.append(self.samples / (self.max_epochs * len(self.data.train_x)))
-        return min(max(fractions), 1.0)
-
-    def _set_lr(self, progress: float) -> None:
-        self.sampler.progress = progress  # e.g. InfoBatch anneals on the budget, not on epochs
-        if self.lr_schedule == "constant":
-            return
-        factor = lr_factor(self.lr_schedule, progress, self.lr_milestones, self.lr_gamma)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-
-    def _row_due(self, elapsed: float) -> bool:
-        last = self.rows[-1]
-        return (
-            self.eval_every_steps is not None and self.step - last["step"] >= self.eval_every_steps
-        ) or (
-            self.eval_every_seconds is not None
-            and elapsed - last["train_time"] >= self.eval_every_seconds
-        )
-
-    def _checkpoint_due(self) -> bool:
-        if not self.checkpoint_every:
-            return False
-        now = self.train_time if self.checkpoint_unit == "seconds" else self.step
-        return now - self.last_checkpoint >= self.checkpoint_every
-
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "counters": {
-                k: getattr(self, k)
-                for k in (
-                    "step",
-                    "samples",
-                    "importance_steps",
-                    "train_time",
-                    "steps_since_row",
-                    "is_steps_since_row",
-                    "last_checkpoint",
-                )
-            },
-            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
-            "rows": self.rows,
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.wall_offset = state["wall_time"]
-        self.rows = list(state["rows"])
-
-    def save(self) -> None:
-        """Write checkpoint.pt atomically."""
-        self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
-        save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
-
-    # ---------------------------------------------------------------- outputs
-    def _bar_total(self) -> float:
-        if self.time_budget is not None:
-            return self.time_budget
-        if self.max_steps is not None:
-            return self.max_steps
-        return self.max_epochs * len(self.data.train_x) / self.sampler.batch_size
-
-    def _update_bar(self, bar: tqdm, row: dict) -> None:
-        bar.n = min(row["train_time"] if self.time_budget is not None else row["step"], bar.total)
-        on = "on" if row["is_fraction"] > 0.5 else "off"
-        bar.set_postfix_str(
-            f"loss={row['train_loss']:.4f} err={row['test_error']:.3f} "
-            f"tau={row['tau']:.2f} IS={on}",
-            refresh=True,
-        )
-
-    def _log_row(self) -> dict:
-        idx = self.train_eval_idx
+    def _row(self) -> dict:
         train_loss, train_error = evaluate(
-            self.model,
-            self.data.train_x[idx],
-            self.data.train_y[idx],
-            self.loss_fn,
-            self.eval_batch_size,
-            self.autocast,
+            self.forward, self.source.eval_batches("train"), self.loss_fn, self.runtime
         )
         test_loss, test_error = evaluate(
-            self.model,
-            self.data.test_x,
-            self.data.test_y,
-            self.loss_fn,
-            self.eval_batch_size,
-            self.autocast,
+            self.forward, self.source.eval_batches("test"), self.loss_fn, self.runtime
         )
         row = {
             "step": self.step,
             "samples": self.samples,
-            "epoch": self.samples / len(self.data.train_x),
+            "epoch": self.samples / self.num_samples,
             "train_time": self.train_time,
             "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
             "train_loss": train_loss,
@@ -523,48 +334,117 @@ class Trainer:
             "is_fraction": self.is_steps_since_row / max(self.steps_since_row, 1),
             "scored": self.sampler.scored,
             "fallbacks": self.sampler.fallbacks,
+            "world_size": self.dist.world_size,
             **self.sampler.metrics(),
         }
         self.steps_since_row = self.is_steps_since_row = 0
-        self._append_metrics([row], header=not self.rows)
         self.rows.append(row)
         for callback in self.callbacks:
             callback.on_row(self, row)
+        bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
+        if bad:  # the model is broken: stop, and never checkpoint it
+            raise TrainingError(
+                f"the {bad[0]} is {row[bad[0]]} at step {self.step}: "
+                "the run diverged (lower the learning rate?)"
+            )
+        if self._checkpoint_due() or (self.budget.spent(self.clock) and self.checkpoint_every):
+            self.save()
         return row
 
-    def _append_metrics(self, rows: list[dict], header: bool) -> None:
-        # open-write-close per row: a crash loses at most the row being evaluated
-        with open(self.out_dir / "metrics.csv", "w" if header else "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else METRICS_COLUMNS)
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
+    def _checkpoint_due(self) -> bool:
+        if not self.checkpoint_every or len(self.rows) == 1:
+            return False
+        now = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        return now - self.last_checkpoint >= self.checkpoint_every
 
-    def _rewrite_metrics(self) -> None:
-        """On resume, metrics.csv holds exactly the checkpoint's rows (later ones are redone)."""
-        self._append_metrics(self.rows, header=True)
-
-    def _write_summary(self, status: str, error: str | None) -> dict:
+    def _finish(self, status: str, error: str | None) -> dict:
         last = self.rows[-1] if self.rows else {}
-        summary = {
-            **last,
-            "status": status,
-            "error": error,
-            "sampler": self.sampler.name,
-            "dataset": self.data.name,
-            "device": str(self.device),
-            "importance_steps": self.importance_steps,
-            "best_test_error": min((r["test_error"] for r in self.rows), default=None),
-            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
-        }
-        # strict JSON: NaN (e.g. the tau of the uniform sampler) is written as null
-        summary = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in summary.items()
-        }
-        tmp = self.out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.out_dir / "summary.json")
+        summary = json_safe(
+            {
+                **last,
+                "status": status,
+                "error": error,
+                "sampler": self.sampler.name,
+                "dataset": self.data.name,
+                "device": str(self.device),
+                "importance_steps": self.importance_steps,
+                "best_test_error": min((r["test_error"] for r in self.rows), default=None),
+                "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
+            }
+        )
         for callback in self.callbacks:
             callback.on_end(self, summary)
         return summary
+
+    # ---------------------------------------------------------------- state
+    COUNTERS = (
+        "step",
+        "samples",
+        "importance_steps",
+        "train_time",
+        "steps_since_row",
+        "is_steps_since_row",
+        "last_checkpoint",
+    )
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: the sampler's and the source's positions and randomness."""
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "source": self.source.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def state_dict(self) -> dict:
+        """The whole run on rank 0 (every rank's part gathered; None on the other ranks)."""
+        ranks = self.dist.gather_objects(to_cpu(self.rank_state()))
+        if not self.dist.is_main:
+            return {}
+        return {
+            "world_size": self.dist.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {k: getattr(self, k) for k in self.COUNTERS},
+            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
+            "rows": self.rows,
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"the checkpoint was written by {saved_world} processes and this run has "
+                f"{self.dist.world_size}: resume with the same number of processes"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        mine = state["ranks"][self.dist.rank]
+        self.sampler.load_state_dict(mine["sampler"])
+        self.source.load_state_dict(mine["source"])
+        torch.set_rng_state(mine["torch_rng"].cpu())
+        if "cuda_rng" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), self.device)
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        self.wall_offset = state["wall_time"]
+        self.rows = list(state["rows"])
+
+    def _read_checkpoint(self, path: Path) -> dict:
+        try:
+            return load_checkpoint(path, self.device)
+        except Exception as e:  # unpickling errors of a damaged file come in many types
+            raise CheckpointError(
+                f"{path} is unreadable or not a checkpoint of this project "
+                f"({type(e).__name__}): delete it, or point hydra.run.dir elsewhere"
+            ) from None
+
+    def save(self) -> None:
+        """Write checkpoint.pt atomically (every rank takes part; rank 0 writes)."""
+        self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_checkpoint(state, self.out_dir / "checkpoint.pt")

@@ -259,7 +259,7 @@ class VarianceCallback(Callback):
         self.measured_steps: list[int] = []
 
     def _setup(self, trainer: Trainer) -> None:
-        sampler, n = trainer.sampler, len(trainer.data.train_x)
+        sampler, n = trainer.sampler, trainer.num_samples
         self.batch_size = int(self.batch_size or sampler.batch_size)
         size = int(
             self.presample_size or getattr(sampler, "presample_size", 3 * sampler.batch_size)
@@ -272,9 +272,7 @@ class VarianceCallback(Callback):
             )
             size = n
         generator = torch.Generator().manual_seed(self.seed)
-        self.presample = torch.randperm(n, generator=generator)[:size].to(
-            trainer.data.train_x.device
-        )
+        self.presample = torch.randperm(n, generator=generator)[:size]
         self.path = Path(trainer.out_dir) / self.filename
         # A resumed run (first row seen is not the run's first) keeps the measurements up to the
         # checkpoint's last row; later ones are redone, as the trainer redoes its metrics rows.
@@ -293,7 +291,7 @@ class VarianceCallback(Callback):
         """Measure now and append the rows to the file."""
         if self.presample is None:
             self._setup(trainer)
-        x, y = trainer.data.train_x[self.presample], trainer.data.train_y[self.presample]
+        x, y = trainer.source.eval_inputs(self.presample)
         rows = measure(
             trainer.model,
             x,
@@ -305,7 +303,7 @@ class VarianceCallback(Callback):
         )
         when = {
             "step": trainer.step,
-            "epoch": trainer.samples / len(trainer.data.train_x),
+            "epoch": trainer.samples / trainer.num_samples,
             "train_time": trainer.train_time,
             "trainer_tau": trainer.sampler.tau,
         }

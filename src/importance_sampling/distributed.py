@@ -1,0 +1,149 @@
+"""Data-parallel training over several processes: who this process is, and the few collectives
+the rest of the package needs. With one process every call here is a no-op.
+
+The launcher says who is who through the environment:
+- torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- SLURM (one task per rank, e.g. Hydra's submitit launcher with ``tasks_per_node``):
+  SLURM_PROCID, SLURM_STEP_NUM_TASKS, ...; submitit turns them into the torchrun variables.
+One process group carries everything: CUDA tensors through NCCL, CPU tensors through gloo, so
+the host-side values that every rank must agree on (the clock, checkpoint states) never wait for
+a GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one process that writes files, logs and shows progress."""
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> Distributed:
+        """The process group already initialised (by init_distributed, or by the caller in their
+        own DDP loop), or a single process."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over ranks, in place, on its device (no host synchronisation)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate every rank's ``tensor`` (the same shape on every rank) along dim 0, in
+        rank order."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def broadcast_floats(self, values: list[float]) -> list[float]:
+        """Rank 0's ``values`` on every rank (host-side values: through gloo, never the GPU)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's picklable ``obj`` on rank 0 (in rank order); None on the other ranks."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _from_slurm() -> None:
+    """In a SLURM step of several tasks (and not under torchrun), export torchrun's variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError as e:
+        raise RuntimeError(
+            "a SLURM step of several tasks needs submitit to find its peers "
+            "(pip install submitit), or launch the ranks with torchrun"
+        ) from e
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def launched_ranks() -> int:
+    """How many processes the launcher started for this run (1 without torchrun or SLURM tasks)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+    return 1
+
+
+def init_distributed(device_type: str | None = None) -> Distributed:
+    """Join the launcher's process group (idempotent), or return a single process.
+
+    One default group carries both kinds of tensors: CUDA tensors through NCCL, CPU tensors (the
+    clock, object collectives) through gloo. ``device_type="cuda"`` also selects this rank's GPU
+    (LOCAL_RANK, modulo the GPUs it sees)."""
+    if launched_ranks() <= 1:
+        return Distributed()
+    _from_slurm()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30)
+        )
+    return Distributed(rank, world, local_rank)
+
+
+def close_ranks() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shared_run_stamp() -> str:
+    """The current time as YYYY-mm-dd_HH-MM-SS, rank 0's on every rank of a launch: run
+    directories are named after it, and each rank would otherwise read its own clock."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return init_distributed().broadcast_object(stamp)
