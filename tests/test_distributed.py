@@ -1,0 +1,290 @@
+"""Data-parallel training with 2 processes on the CPU (gloo, one thread each).
+
+The ranks are forked with a file rendezvous and joined with a timeout, so a hang fails the test
+instead of blocking CI; the checks that need a running process group share one launch.
+"""
+
+import copy
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from importance_sampling.budget import Budget
+from importance_sampling.data import digits
+from importance_sampling.distributed import Distributed
+from importance_sampling.models import MLP
+from importance_sampling.runtime import Runtime
+from importance_sampling.samplers import ImportanceSampler, UniformSampler
+from importance_sampling.scores import cross_entropy
+from importance_sampling.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def run_ranks(fn, *args, timeout: float = 120.0) -> None:
+    """fn(rank, *args) in WORLD forked processes; fails if one fails or they are not done in time."""
+    context = mp.get_context("fork")
+    procs = [context.Process(target=fn, args=(rank, *args)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{len(hung)} rank(s) still running after {timeout} s: a hang"
+    assert [p.exitcode for p in procs] == [0] * WORLD, "a rank failed (its traceback is above)"
+
+
+def uniform_trainer(data, out_dir, batch_size, dist_ctx, steps=20):
+    torch.manual_seed(0)
+    model = MLP(data.input_shape, data.num_classes)
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        UniformSampler(batch_size),
+        data,
+        out_dir,
+        budget=Budget(None, max_steps=steps, eval_every_seconds=None, eval_every_steps=10),
+        runtime=Runtime("cpu", dist=dist_ctx),
+        checkpoint_every=10,
+        checkpoint_unit="steps",
+        progress=False,
+    )
+
+
+class FlipScores(ImportanceSampler):
+    """Deliberately different score distributions per rank: rank 0's are flat, rank 1's are
+    skewed from its 10th to its 40th scoring, so the combined tau rises past the threshold and
+    falls back. Records what each rank decides at every step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls, self.record = 0, []
+
+    def scores(self, model, inputs, targets, loss_fn, logits=None):
+        s = torch.ones(len(inputs))
+        if self.dist.rank == 1 and 10 <= self.calls < 40:
+            s[: len(s) // 8] = 50.0
+        self.calls += 1
+        return s
+
+    def select(self, model, presample, loss_fn, more=None):
+        self.record.append((round(self.switch.tau, 9), self.switch.on, len(presample)))
+        return super().select(model, presample, loss_fn, more)
+
+
+def check_injected_weights_give_the_single_process_gradient(rank, data):
+    """Each rank trains on fixed positions of its presample with fixed weights; DDP's averaged
+    gradient equals the gradient of the average of the ranks' weighted losses in one process."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    reference = copy.deepcopy(net)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    positions = [torch.tensor([0, 0, 3]), torch.tensor([1, 2, 2])]
+    weights = [torch.tensor([0.5, 0.5, 2.0]), torch.tensor([1.5, 0.7, 0.7])]
+    presamples = [
+        (data.train_x[4 * r : 4 * r + 4], data.train_y[4 * r : 4 * r + 4]) for r in range(WORLD)
+    ]
+
+    def weighted_loss(model, r):
+        x, y = presamples[r]
+        return (weights[r] * cross_entropy(model(x[positions[r]]), y[positions[r]])).mean()
+
+    weighted_loss(ddp, rank).backward()
+    (sum(weighted_loss(reference, r) for r in range(WORLD)) / WORLD).backward()
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def ranks_worker(rank, tmp, data):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD
+    )
+    ctx = Distributed(rank, WORLD)
+    out = {}
+    # uniform, 2 ranks x b/2, one run directory
+    trainer = uniform_trainer(data, tmp / "uniform", 32, ctx)  # b global: 16 per rank
+    trainer.fit()
+    out["params"] = [p.detach().clone() for p in trainer.model.parameters()]
+    check_injected_weights_give_the_single_process_gradient(rank, data)
+    # tau and the switch, with different scores on each rank, through DDP training steps
+    torch.manual_seed(0)
+    model = MLP(data.input_shape, data.num_classes)
+    sampler = FlipScores(batch_size=32, presample_size=96)
+    Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        sampler,
+        data,
+        tmp / "switch",
+        budget=Budget(None, max_steps=70, eval_every_seconds=None, eval_every_steps=70),
+        runtime=Runtime("cpu", dist=ctx),
+        progress=False,
+    ).fit()
+    out["record"] = sampler.record
+    # the shards: the points each rank loaded in the first epoch (uniform steps, no overlap)
+    order_sampler = UniformSampler(32)
+    order_sampler.setup(len(data), seed=0, dist=ctx)
+    batches = order_sampler.batches()
+    loaded = [next(batches) for _ in range(len(data) // 32 + 1)]  # one epoch and one more batch
+    out["loaded"] = loaded
+    torch.save(out, tmp / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = digits()
+    run_ranks(ranks_worker, tmp, data)
+    return tmp, data, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_ranks_of_half_the_batch_train_like_one_rank_of_the_whole(two_ranks, tmp_path):
+    tmp, data, results = two_ranks
+    single = uniform_trainer(data, tmp_path, 32, Distributed())
+    single.fit()
+    for rank in range(WORLD):
+        for p, q in zip(results[rank]["params"], single.model.parameters(), strict=True):
+            torch.testing.assert_close(p, q.detach(), atol=1e-5, rtol=1e-4)
+    # one run directory: one metrics.csv (rows counted over both ranks) and one checkpoint
+    rows = list(csv.DictReader(open(tmp / "uniform" / "metrics.csv")))
+    reference = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["0", "10", "20"]
+    assert [r["world_size"] for r in rows] == ["2"] * 3 and rows[-1]["samples"] == "640"
+    for r, s in zip(rows, reference, strict=True):  # evaluation sharded over ranks, then summed
+        assert float(r["train_loss"]) == pytest.approx(float(s["train_loss"]), rel=1e-4)
+        assert float(r["test_error"]) == pytest.approx(float(s["test_error"]), abs=1e-9)
+    state = torch.load(tmp / "uniform" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert sorted(p.name for p in (tmp / "uniform").iterdir()) == [
+        "checkpoint.pt",
+        "metrics.csv",
+        "summary.json",
+    ]
+
+
+def test_ranks_with_different_scores_agree_on_tau_and_the_switch_at_every_step(two_ranks):
+    _, _, results = two_ranks
+    records = [r["record"] for r in results]
+    assert len(records[0]) == 70 and records[0] == records[1]
+    switched = [on for _, on, _ in records[0]]
+    assert any(switched) and not switched[-1]  # on, then off again
+    flips = sum(a != b for a, b in zip(switched, switched[1:], strict=False))
+    assert flips >= 2
+    # the presample each rank loaded followed the decision: B/W points when on, b/W when off
+    assert all(size == (48 if on else 16) for _, on, size in records[0])
+
+
+def test_shards_are_disjoint_cover_the_data_and_change_with_the_epoch(two_ranks):
+    _, data, results = two_ranks
+    per_epoch = (len(data) // WORLD) // 16  # full batches of 16 in each rank's share
+    epochs = [[torch.cat(r["loaded"][:per_epoch]), r["loaded"][per_epoch]] for r in results]
+    first = [set(e[0].tolist()) for e in epochs]
+    assert not first[0] & first[1]  # disjoint
+    assert len(first[0] | first[1]) == 2 * per_epoch * 16  # every point of the epoch once
+    assert len(first[0] | first[1]) > 0.97 * len(data)
+    # the next epoch is another permutation: its first batches differ from the first epoch's
+    assert not torch.equal(epochs[0][1], results[0]["loaded"][0])
+
+
+# ------------------------------------------------------------------ torchrun end to end
+TORCHRUN_RUN = [
+    "sampler=upper_bound",
+    "dataset=digits",
+    "sampler.batch_size=32",
+    "sampler.tau_threshold=1.2",
+    "trainer.time_budget=null",
+    "trainer.max_steps=300",
+    "trainer.eval_every_seconds=null",
+    "trainer.eval_every_steps=30",
+    "trainer.checkpoint_every=60",
+    "trainer.checkpoint_unit=steps",
+    "trainer.progress=false",
+]
+COMPARED = [
+    "step",
+    "samples",
+    "train_loss",
+    "test_loss",
+    "test_error",
+    "tau",
+    "is_fraction",
+    "scored",
+]
+
+
+def torchrun(run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(ROOT / "train.py"),
+        *TORCHRUN_RUN,
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    env = {**os.environ, "IS_DATA_DIR": str(run_dir.parent / "data")}
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_and_a_killed_run_resumes_to_the_same_metrics(tmp_path):
+    reference = tmp_path / "reference"
+    proc = torchrun(reference)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "upper_bound on digits: 300 steps" in out and "2 processes" in out
+    rows = metrics(reference)
+    assert len(rows) == 11 and float(rows[-1]["is_fraction"]) > 0
+    assert json.loads((reference / "summary.json").read_text())["world_size"] == 2
+
+    killed = tmp_path / "killed"
+    proc = torchrun(killed)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # kill once a checkpoint exists
+        if (killed / "checkpoint.pt").exists() and len(metrics(killed)) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    while time.monotonic() < deadline:  # until the ranks are gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    assert len(metrics(killed)) < len(rows)
+    proc = torchrun(killed, "trainer.resume=true")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert metrics(killed) == rows
