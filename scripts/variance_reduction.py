@@ -1,5 +1,5 @@
-"""What each sampler does to the gradient's variance over a training run (PAPER.md, "Variance
-reduction, measured exactly"): a tidy table, a figure and a summary.
+"""What each sampler does to the gradient's variance over a training run
+(docs/method.md#variance-reduction-measured-exactly): a tidy table, a figure and a summary.
 
     # train a run with the measurement on (train.py overrides after the run dir), then report
     python scripts/variance_reduction.py --train outputs/vr_mlp dataset=fashion_mnist model=mlp \\

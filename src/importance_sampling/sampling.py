@@ -1,4 +1,4 @@
-"""Presample -> score -> resample -> weights, and the tau switch (PAPER.md, Algorithm 1).
+"""Presample -> score -> resample -> weights, and the tau switch (docs/method.md#algorithm-1).
 
 The pieces compose, so they drop into any training loop::
 
@@ -76,7 +76,7 @@ def importance_weights(probs: Tensor, positions: Tensor) -> Tensor:
 
 
 def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Tensor:
-    """tau_hat of PAPER.md: importance sampling with batch b ~ uniform sampling with batch tau*b.
+    """tau_hat (docs/method.md): importance sampling with batch b ~ uniform with batch tau*b.
 
     ``variance``: 1/tau = 1 - ||g - u||^2 / ||g||^2, which simplifies to tau = B * sum_i g_i^2
     (in units of batch size, i.e. of gradient variance; 1 for uniform g; B for a one-hot g).
@@ -89,7 +89,7 @@ def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Ten
 
 def default_tau_threshold(batch_size: int, presample_size: int) -> float:
     """tau_th = (B + 3b) / (3b): the cost of an importance step over a uniform one, taking a
-    backward pass as twice a forward pass (PAPER.md, "When to switch it on")."""
+    backward pass as twice a forward pass (docs/method.md#the-threshold)."""
     return (presample_size + 3 * batch_size) / (3 * batch_size)
 
 
@@ -257,7 +257,7 @@ class ImportanceSampler(Sampler):
             (medians of the last ``AUTO_WINDOW`` timings; a timed scoring probe provides the first
             scoring time). Logged as the ``tau_threshold``, ``cost_step_ms``, ``cost_score_ms`` columns.
         tau_momentum: a_tau of the moving average of tau_hat.
-        tau_kind: ``variance`` (tau = B sum g^2, PAPER.md) or ``std`` (its square root, as in
+        tau_kind: ``variance`` (tau = B sum g^2, docs/method.md) or ``std`` (its square root, as in
             the official code); the default threshold is the same for both.
         smoothing: constant added to every score before normalising (0 = the paper's rule).
         score_chunk_size: points per forward (or per vmap chunk for gradient_norm) when scoring.

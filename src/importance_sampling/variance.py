@@ -1,5 +1,5 @@
-"""What each sampler does to the gradient, measured exactly (PAPER.md, "Variance reduction,
-measured exactly").
+"""What each sampler does to the gradient, measured exactly
+(docs/method.md#variance-reduction-measured-exactly).
 
 On a fixed presample U of B points with per-sample gradients v_i, a sampling distribution q over
 U and weights w_i = 1/(B q_i), the minibatch estimator (1/b) sum_k w_{I_k} v_{I_k} (b draws with
@@ -16,7 +16,7 @@ gradient_norm (the optimum) come:
                           of a confidently right sample) never draws it: that estimator is biased,
                           and its squared bias is added (``bias_sq``, the mean squared error);
 - ``variance_reduction``  1 - variance_ratio, the share of uniform's variance removed
-                          ((Tr V_u - Tr V_g) / Tr V_u in PAPER.md);
+                          ((Tr V_u - Tr V_g) / Tr V_u in docs/method.md);
 - ``tau_measured``        Tr Cov_uniform / Tr Cov_q: uniform sampling needs a batch this many
                           times larger for the same variance, i.e. the equivalent batch increment
                           that tau estimates. ``tau_hat`` = B sum_i q_i^2 is the trainer's cheap
@@ -74,7 +74,7 @@ def trace_covariance(
     sq_norms: Tensor, mean_grad_sq: Tensor | float, probs: Tensor, batch_size: int
 ) -> Tensor:
     """Exact Tr Cov of (1/b) sum_k w_{I_k} v_{I_k}, I_k ~ probs i.i.d., w_i = 1/(B probs_i), as
-    in PAPER.md: valid when every non-zero gradient has probability > 0 (the estimator is then
+    in docs/method.md: valid when every non-zero gradient has probability > 0 (the estimator is then
     unbiased; ``estimator_error`` covers the other case).
 
     Args:
