@@ -417,3 +417,30 @@ def test_the_figure_draws_each_sampler_in_its_style_and_hatches_censored_bars(sw
     # the test-error panel is zoomed past the first 10% of train_time (chance-level errors)
     low, high = error_ax.get_ylim()
     assert high < 100 * 2.0 / 10 and "zoomed" in error_ax.get_title(loc="right")
+
+
+def test_the_newest_sweep_is_the_one_that_started_last_not_the_last_touched(tmp_path):
+    import os
+
+    multirun = tmp_path / "multirun"
+    old = multirun / "digits_mlp" / "2026-01-01_10-00-00"
+    new = multirun / "2026-01-02_09-00-00"
+    hydra_style = multirun / "2026-01-01" / "23-00-00"
+    for sweep in (old, new, hydra_style):
+        sweep.mkdir(parents=True)
+        (sweep / "multirun.yaml").write_text("{}\n")
+    (old / "runs.csv").write_text("aggregated today\n")  # touching an old sweep ...
+    os.utime(old, (2e9, 2e9))
+    os.utime(old / "multirun.yaml", (2e9, 2e9))
+    assert analysis.newest_sweep(multirun) == new  # ... does not make it the newest
+    assert analysis.sweep_start(hydra_style) < analysis.sweep_start(new)
+    # a sweep directory named by the user: the earliest file written at its launch
+    named = multirun / "my_sweep"
+    (named / "run_0" / ".hydra").mkdir(parents=True)
+    (named / "multirun.yaml").write_text("{}\n")
+    (named / "run_0" / ".hydra" / "config.yaml").write_text("{}\n")
+    os.utime(named / "multirun.yaml", (2.1e9, 2.1e9))
+    os.utime(named / "run_0" / ".hydra" / "config.yaml", (2.05e9, 2.05e9))
+    assert analysis.sweep_start(named) == 2.05e9
+    assert analysis.newest_sweep(multirun) == named
+    assert analysis.newest_sweep(tmp_path / "nothing") is None

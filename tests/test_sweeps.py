@@ -4,6 +4,8 @@ W&B sweep definitions, and the analysis of a real sweep by the script and the no
 import itertools
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -288,6 +290,72 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, mon
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 runs, 20 metrics rows" in text
     assert (tmp_path / "saved" / "figure.png").is_file()
+
+
+def readme_commands(containing: str) -> list[str]:
+    """The README's shell lines (bash blocks) that contain ``containing``, comments cut off."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if containing in line and not line.startswith("#")]
+
+
+def repository_copy(dest: Path) -> Path:
+    """The repository's files (tracked, or new and not ignored) copied to ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+@pytest.mark.slow
+def test_the_readmes_notebook_commands_run_as_written(joblib_sweep, tmp_path):
+    """The README's nbconvert commands, exactly, from the root of a copy of the repository with a
+    sweep in multirun/ and a run in outputs/vr_mlp (relative paths, as the README writes them);
+    then `make notebooks` (its recipe, with this interpreter for the venv's)."""
+    repo = repository_copy(tmp_path / "repo")
+    shutil.copytree(joblib_sweep, repo / "multirun" / "2026-01-01_00-00-00")
+    shutil.copytree(
+        ROOT / "results" / "variance_reduction" / "fashion_mnist_mlp", repo / "outputs" / "vr_mlp"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SWEEP_DIR", "RUN_DIR", "MPLBACKEND")}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+    }
+
+    def shell(command: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            command, shell=True, cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, command + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    commands = readme_commands("jupyter nbconvert")
+    assert len(commands) == 2
+    for command in commands:
+        shell(command.replace("<time>", "2026-01-01_00-00-00"))
+    html = repo / "outputs" / "notebooks"
+    assert (
+        "2026-01-01_00-00-00: 4 runs, 20 metrics rows" in (html / "time_to_loss.html").read_text()
+    )
+    assert "vr_mlp" in (html / "variance_reduction.html").read_text()
+    shutil.rmtree(html)
+
+    assert "make notebooks" in readme_commands("make notebooks")
+    shell(f"make -o setup notebooks PY={sys.executable}")  # the newest sweep, the references
+    assert "2026-01-01_00-00-00: 4 runs" in (html / "time_to_loss.html").read_text()
+    assert "fashion_mnist_cnn" in (html / "variance_reduction.html").read_text()
+    assert shell("jupyter lab --version").stdout.strip()  # what the README's `jupyter lab` needs
+    for name in ("time_to_loss.ipynb", "variance_reduction.ipynb"):  # never rewritten
+        assert (repo / "notebooks" / name).read_bytes() == (ROOT / "notebooks" / name).read_bytes()
 
 
 @pytest.mark.slow

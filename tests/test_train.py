@@ -200,6 +200,11 @@ def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
             ["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"],
             "apt-get install dataset-fashion-mnist",
         ),
+        (
+            ["experiment=pixel_mnist_lstm", "scale=cpu"],
+            "runs on Fashion-MNIST's images instead (same format, Debian's dataset-fashion-mnist): "
+            "dataset.images=fashion_mnist",
+        ),
     ],
 )
 def test_bad_input_is_one_readable_line(args, message, tmp_path):

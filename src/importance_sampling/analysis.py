@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -97,6 +99,31 @@ def load(path: str | Path) -> pd.DataFrame:
     if (path / RUNS_CSV).is_file():
         return pd.read_csv(path / RUNS_CSV)
     raise FileNotFoundError(f"no run (a directory with metrics.csv) and no {RUNS_CSV} under {path}")
+
+
+def sweep_start(sweep_dir: str | Path) -> float:
+    """When a sweep started, in seconds since the epoch: the date and time its directory is named
+    after (``<date>_<time>`` as train.py and time_to_loss.py name them, or Hydra's
+    ``<date>/<time>``), else the earliest file written at its launch (multirun.yaml, the runs'
+    .hydra/config.yaml). Never the last modification, which aggregating an old sweep updates."""
+    sweep_dir = Path(sweep_dir)
+    for name, fmt in (
+        (sweep_dir.name, "%Y-%m-%d_%H-%M-%S"),
+        (f"{sweep_dir.parent.name}/{sweep_dir.name}", "%Y-%m-%d/%H-%M-%S"),
+    ):
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[_/]\d{2}-\d{2}-\d{2}", name):
+            return time.mktime(time.strptime(name, fmt))
+    launched = [sweep_dir / "multirun.yaml", *sweep_dir.glob("*/.hydra/config.yaml")]
+    times = [p.stat().st_mtime for p in launched if p.is_file()]
+    return min(times) if times else math.nan
+
+
+def newest_sweep(root: str | Path) -> Path | None:
+    """The sweep under ``root`` (a directory with a multirun.yaml) that started last, or None."""
+    sweeps = [p.parent for p in Path(root).rglob("multirun.yaml")]
+    started = [(sweep_start(s), s) for s in sweeps]
+    started = [(t, s) for t, s in started if not math.isnan(t)]
+    return max(started)[1] if started else None
 
 
 def samplers_in_order(names: Iterable[str]) -> list[str]:
@@ -507,7 +534,7 @@ def censored_patch():
         facecolor="white",
         edgecolor="0.3",
         hatch=CENSORED_HATCH,
-        label="hatched: no run reached the target; bar = its budget (k/n: runs that did)",
+        label="hatched: no run reached the target,\nbar = its budget (k/n: runs that did)",
     )
 
 
@@ -562,8 +589,13 @@ def plot_time_to_loss(table: pd.DataFrame, ax=None, legend: bool = True):
     ax.set_ylabel("train_time to reach it (s), median over seeds")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
     ax.grid(alpha=0.3, axis="y")
-    if legend:
-        ax.legend(handles=[*handles, censored_patch()], fontsize=8)
+    if legend:  # beside the axes: the bars fill the panel up to the longest budget
+        ax.legend(
+            handles=[*handles, censored_patch()],
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+        )
     return ax
 
 
