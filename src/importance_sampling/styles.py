@@ -44,15 +44,38 @@ def sampler_color(name: str) -> str:
 
 def plain_log_ticks(ax, axis: str = "y") -> None:
     """Readable tick labels on a log axis: plain numbers (0.3, 1, 2) instead of 3x10^-1, at
-    1-2-5 steps when the axis spans less than two decades (where matplotlib would label crowded
-    minor ticks) and at powers of ten otherwise. Call after the data and limits are set."""
+    1-2-3-5 steps when the axis spans about a decade, 1-2-5 up to 2.5 decades and powers of ten
+    beyond (matplotlib's own choice labels crowded minor ticks on short axes). The ticks follow
+    the axis limits as drawn."""
     from matplotlib import ticker
+
+    class PlainLogLocator(ticker.Locator):
+        def __call__(self):
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin, vmax):
+            low, high = sorted((vmin, vmax))
+            if low <= 0:
+                return ticker.LogLocator().tick_values(vmin, vmax)
+            decades = math.log10(high / low)
+            subs = (1, 2, 3, 5) if decades < 1.2 else (1, 2, 5) if decades < 2.5 else (1,)
+            ticks = [
+                m * 10.0**k
+                for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+                for m in subs
+                if low <= m * 10.0**k <= high
+            ]
+            if len(ticks) < 2:  # a very short axis: evenly spaced round numbers instead
+                ticks = [
+                    t for t in ticker.MaxNLocator(4).tick_values(low, high) if low <= t <= high
+                ]
+            return ticks
+
+        def nonsingular(self, vmin, vmax):
+            return ticker.LogLocator().nonsingular(vmin, vmax)
 
     for name in ("x", "y") if axis == "both" else (axis,):
         scale_axis = ax.xaxis if name == "x" else ax.yaxis
-        low, high = ax.get_xlim() if name == "x" else ax.get_ylim()
-        decades = abs(math.log10(high / low)) if low > 0 and high > 0 else 99
-        subs = (1.0, 2.0, 3.0, 5.0) if decades < 1.2 else (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
-        scale_axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+        scale_axis.set_major_locator(PlainLogLocator())
         scale_axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         scale_axis.set_minor_formatter(ticker.NullFormatter())
