@@ -1,11 +1,14 @@
-# Quick start:  make train   (set up + train on the embedded digits dataset, ~1 minute on 2 CPU cores)
-#               make test    (set up + run the test suite)
+# Quick start:  make train      (set up + train on the embedded digits dataset, ~1 minute on 2 CPU cores)
+#               make test       (set up + run the test suite)
+#               make notebooks  (set up + execute both notebooks to outputs/notebooks/*.html)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup train test lint data clean
+NOTEBOOKS := notebooks/time_to_loss.ipynb notebooks/variance_reduction.ipynb
+
+.PHONY: setup train test lint data notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +32,12 @@ train: setup
 
 test: setup data
 	$(PY) -m pytest $(ARGS)
+
+# Executes the notebooks as they are committed (SWEEP_DIR / RUN_DIR from the environment, relative
+# to this directory; defaults: the newest sweep under multirun/ and the reference results) into
+# HTML under outputs/notebooks/; the committed notebooks are never rewritten.
+notebooks: setup
+	$(PY) -m jupyter nbconvert --to html --execute --output-dir outputs/notebooks $(NOTEBOOKS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -1,10 +1,14 @@
 """Collect every run under a sweep directory into one tidy table, and write the comparison.
 
-    python scripts/aggregate.py multirun/2026-01-01_12-00-00 --out results/my_sweep
+    python scripts/aggregate.py multirun/2026-01-01_12-00-00          # files into that folder
     python scripts/aggregate.py multirun/... --targets 0.3 0.2 --at 60 --baseline uniform
+    python scripts/aggregate.py results/fashion_mnist_mlp/runs.csv    # redraw from a runs.csv
 
-Writes to --out (default: the sweep directory itself): runs.csv (one row per run and evaluation),
-time_to_loss.csv, equal_time.csv, table.md and figure.png. See importance_sampling.analysis.
+Writes runs.csv (one row per run and evaluation), time_to_loss.csv, equal_time.csv, table.md and
+figure.png to --out; by default into the sweep directory itself, or, for a runs.csv (e.g. a
+committed reference result), into outputs/aggregate/<its folder's name>/: a reference result is
+only overwritten when --out names it. Runs of different experiments (preset, dataset or model) are
+not mixed in one comparison: --experiment picks one. See importance_sampling.analysis.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ matplotlib.use("Agg")  # files only, no display
 
 from importance_sampling import analysis  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_out(source: Path) -> Path:
+    """Where the outputs go without --out: the sweep directory itself, or outputs/aggregate/<name>
+    for a runs.csv (a directory holding one and no runs counts as a runs.csv)."""
+    if source.is_file():
+        return ROOT / "outputs" / "aggregate" / source.resolve().parent.name
+    if not analysis.find_runs(source):
+        return ROOT / "outputs" / "aggregate" / source.resolve().name
+    return source
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -28,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "sweep", type=Path, help="a sweep directory (runs with metrics.csv) or a runs.csv"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: the sweep's)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: the sweep's; outputs/aggregate/<name> for a runs.csv)",
     )
     parser.add_argument(
         "--targets",
@@ -47,22 +66,36 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", default="uniform", help="the sampler speedups are relative to"
     )
     parser.add_argument(
-        "--title", default=None, help="figure and table title (default: the sweep's name)"
+        "--experiment",
+        default=None,
+        help="keep only the runs of this experiment preset or dataset (a folder of several)",
+    )
+    parser.add_argument(
+        "--title", default=None, help="figure and table title (default: from the runs' data)"
     )
     args = parser.parse_args(argv)
 
     try:
         runs = analysis.load(args.sweep)
+        if args.experiment:
+            runs = analysis.select_experiment(runs, args.experiment)
+        analysis.check_one_experiment(runs)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep)
-    title = args.title or (
-        runs["experiment"].dropna().iloc[0]
-        if runs["experiment"].notna().any()
-        else args.sweep.resolve().name
-    )
-    paths = analysis.save(runs, out, args.targets, args.at, args.baseline, title)
+    except analysis.MixedRunsError as e:
+        print(
+            f"error: {args.sweep}: {e}. A comparison needs runs of one experiment: aggregate "
+            "each sweep folder on its own, or pick one with --experiment NAME.",
+            file=sys.stderr,
+        )
+        return 1
+    at, warning = analysis.equal_time_at(runs, args.at)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    out = args.out or default_out(args.sweep)
+    title = args.title or analysis.title(runs)
+    paths = analysis.save(runs, out, args.targets, at, args.baseline, title)
     n = runs["run"].nunique()
     print(paths["table"].read_text())
     print(f"{n} runs, {len(runs)} rows -> " + ", ".join(str(p) for p in paths.values()))

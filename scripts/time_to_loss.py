@@ -1,29 +1,37 @@
 """One command per comparison: run the sampler sweep of an experiment preset, then write its
-figure and tables to results/<experiment>/.
+figure and tables beside the runs.
 
     python scripts/time_to_loss.py fashion_mnist_mlp                      # 4 samplers x 2 seeds
     python scripts/time_to_loss.py fashion_mnist_mlp --jobs 2 trainer.time_budget=30
     python scripts/time_to_loss.py digits_mlp --seeds 0 1 2 --samplers uniform upper_bound
     python scripts/time_to_loss.py fashion_mnist_mlp --aggregate-only multirun/fashion_mnist_mlp/<time>
 
-The sweep is one Hydra multirun of train.py (conf/experiment/<experiment>.yaml), in
-multirun/<experiment>/<time>/; --jobs > 1 runs it with the joblib launcher, each job limited to
-cores // jobs torch threads. Any extra argument is passed to train.py as an override. Outputs
-(results/<experiment>/ unless --out): runs.csv, time_to_loss.csv, equal_time.csv, table.md,
-figure.png; see scripts/aggregate.py for the options of the analysis.
+The sweep is one Hydra multirun of train.py (conf/experiment/<experiment>.yaml) into
+multirun/<experiment>/<date>_<time>/, one run directory per job; --jobs > 1 runs it with the
+joblib launcher, each job limited to cores // jobs torch threads. Any extra argument is passed to
+train.py as an override. One progress bar follows the sweep (runs done, the runs in progress, time
+left); the jobs' own output goes to sweep.log in the sweep directory. Outputs (into the sweep
+directory unless --out): runs.csv, time_to_loss.csv, equal_time.csv, table.md, figure.png; see
+scripts/aggregate.py for the options of the analysis. The committed reference results are only
+rewritten when --out names them (e.g. --out results/fashion_mnist_mlp).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
+from tqdm.auto import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
+LOG = "sweep.log"
 
 
 def sweep_command(
@@ -44,7 +52,7 @@ def sweep_command(
         f"experiment={experiment}",
         f"seed={','.join(map(str, seeds))}",
         f"sampler={','.join(samplers)}",
-        "trainer.progress=false",
+        "trainer.progress=false",  # one bar over the sweep instead (SweepProgress)
         f"hydra.sweep.dir={sweep_dir}",
     ]
     if jobs > 1:
@@ -52,6 +60,115 @@ def sweep_command(
         threads = max(1, (os.cpu_count() or 1) // jobs)
         cmd += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"threads={threads}"]
     return cmd + overrides
+
+
+def expected_runs(samplers: list[str], seeds: list[int], overrides: list[str]) -> int:
+    """How many jobs the sweep launches: samplers x seeds x any comma-separated override."""
+    n = len(samplers) * len(seeds)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "," in value and not key.startswith("hydra") and value[:1] not in "[{'\"":
+            n *= len(value.split(","))
+    return n
+
+
+def run_fraction(run_dir: Path, budget: dict) -> float:
+    """How far a run in progress is (0-1): its last metrics row against its budget (time, steps
+    or epochs, whichever it will hit first)."""
+    try:
+        with open(run_dir / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return 0.0
+    if not rows:
+        return 0.0
+    last = rows[-1]
+    fractions = [
+        float(last[column]) / float(limit)
+        for column, limit in (
+            ("train_time", budget.get("time_budget")),
+            ("step", budget.get("max_steps")),
+            ("epoch", budget.get("max_epochs")),
+        )
+        if limit and last.get(column) not in (None, "")
+    ]
+    return min(max(fractions, default=0.0), 0.99)
+
+
+class SweepProgress:
+    """One progress bar over a sweep, read from the run directories as they appear: the runs
+    done (summary.json), the runs in progress (how far each is), and the time left. The jobs'
+    result lines (from the sweep's log) are printed above the bar as they come."""
+
+    def __init__(self, sweep_dir: Path, total: int, log: Path):
+        self.sweep_dir, self.total, self.log = sweep_dir, total, log
+        self.budgets: dict[Path, dict] = {}
+        self.log_offset = 0
+        self.bar = tqdm(
+            total=total,
+            unit="run",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}] {postfix}",
+        )
+
+    def budget(self, run_dir: Path) -> dict:
+        if run_dir not in self.budgets:
+            config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+            self.budgets[run_dir] = config.get("trainer") or {}
+        return self.budgets[run_dir]
+
+    def poll(self) -> None:
+        started = sorted(
+            p.parent.parent for p in self.sweep_dir.glob("*/.hydra/config.yaml")
+        )  # a job writes its config first
+        done = [r for r in started if (r / "summary.json").is_file()]
+        running = [r for r in started if not (r / "summary.json").is_file()]
+        progress = {r.name: run_fraction(r, self.budget(r)) for r in running}
+        self.bar.total = max(self.total, len(started))
+        self.bar.n = len(done) + sum(progress.values())
+        now = ", ".join(f"{k} {100 * v:.0f}%" for k, v in progress.items())
+        self.bar.set_postfix_str(f"now: {now}" if now else "")
+        self._echo_results()
+
+    def _echo_results(self) -> None:
+        """Each job's one-line result (and any error) from the log, above the bar."""
+        try:
+            with open(self.log, errors="replace") as f:
+                f.seek(self.log_offset)
+                text = f.read()
+        except OSError:
+            return
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits
+        self.log_offset += len(complete.encode())
+        for line in complete.splitlines():
+            if " | results in " in line or line.startswith("error:"):
+                self.bar.write(line)
+
+    def close(self) -> None:
+        self.poll()
+        self.bar.close()
+
+
+def run_sweep(cmd: list[str], sweep_dir: Path, total: int) -> int:
+    """Run the multirun with its output in sweep.log and one progress bar; its exit status."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log_path = sweep_dir / LOG
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        progress = SweepProgress(sweep_dir, total, log_path)
+        try:
+            while proc.poll() is None:
+                progress.poll()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            proc.wait()  # the jobs got the interrupt too: let them write what they have
+            raise
+        finally:
+            progress.close()
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(tail), file=sys.stderr)
+    return proc.returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="parallel jobs (joblib launcher when > 1)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="default: results/<experiment>")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: the sweep directory (multirun/...)"
+    )
     parser.add_argument(
         "--targets", type=float, nargs="+", default=None, help="target training losses"
     )
     parser.add_argument("--at", type=float, default=None, help="train_time of the equal-time table")
+    parser.add_argument(
+        "--sweep-dir",
+        type=Path,
+        default=None,
+        help="where the runs go (default: multirun/<experiment>/<date>_<time>)",
+    )
     parser.add_argument(
         "--aggregate-only",
         type=Path,
@@ -76,33 +201,44 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SWEEP_DIR",
         help="skip training: aggregate this existing sweep directory",
     )
-    args, overrides = parser.parse_known_args(argv)
+    # train.py overrides (key=value) may follow list options (--seeds 0 1 2 trainer.x=5): take
+    # them out first, so that argparse does not read them as more seeds or samplers
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args, unknown = parser.parse_known_args([a for a in argv if a not in overrides])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are key=value)")
 
     if not (ROOT / "conf" / "experiment" / f"{args.experiment}.yaml").is_file():
         print(f"error: no preset conf/experiment/{args.experiment}.yaml", file=sys.stderr)
         return 1
     sweep_dir = args.aggregate_only
     if sweep_dir is None:
-        sweep_dir = ROOT / "multirun" / args.experiment / time.strftime("%Y-%m-%d_%H-%M-%S")
+        sweep_dir = args.sweep_dir or (
+            ROOT / "multirun" / args.experiment / time.strftime("%Y-%m-%d_%H-%M-%S")
+        )
         cmd = sweep_command(
             args.experiment, args.samplers, args.seeds, args.jobs, sweep_dir, overrides
         )
         print("+", " ".join(cmd[1:]), flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT)
-        if proc.returncode != 0:
+        print(f"runs and their output ({LOG}) in {sweep_dir}", flush=True)
+        total = expected_runs(args.samplers, args.seeds, overrides)
+        returncode = run_sweep(cmd, sweep_dir, total)
+        if returncode != 0:
             print(
-                f"error: the sweep failed (exit {proc.returncode}); runs so far are in {sweep_dir}",
+                f"error: the sweep failed (exit {returncode}); runs so far and {LOG} are in "
+                f"{sweep_dir}",
                 file=sys.stderr,
             )
-            return proc.returncode
+            return returncode
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import aggregate
 
-    out = args.out or ROOT / "results" / args.experiment
+    out = args.out or sweep_dir
     extra = ["--targets", *map(str, args.targets)] if args.targets else []
     extra += ["--at", str(args.at)] if args.at is not None else []
-    return aggregate.main([str(sweep_dir), "--out", str(out), "--title", args.experiment, *extra])
+    return aggregate.main([str(sweep_dir), "--out", str(out), *extra])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What each sampler does to the gradient's variance over a training run (PAPER.md, "Variance
-reduction, measured exactly"): a tidy table, a figure and a summary.
+"""What each sampler does to the gradient's variance over a training run
+(docs/method.md#variance-reduction-measured-exactly): a tidy table, a figure and a summary.
 
     # train a run with the measurement on (train.py overrides after the run dir), then report
     python scripts/variance_reduction.py --train outputs/vr_mlp dataset=fashion_mnist model=mlp \\
@@ -7,12 +7,17 @@ reduction, measured exactly"): a tidy table, a figure and a summary.
     # report on a run that measured already (variance.every_rows > 0); a run that did not but
     # left a checkpoint.pt (trainer.checkpoint_every) is measured once, at its checkpoint
     python scripts/variance_reduction.py outputs/vr_mlp
-    # ... and copy its variance.csv, metrics.csv and figure as reference results
+    # ... and copy its variance.csv, metrics.csv, config and figure as a reference result
+    # (regenerating the committed one: the only way this script writes under results/)
     python scripts/variance_reduction.py outputs/vr_mlp --results results/variance_reduction/fashion_mnist_mlp
+    # redraw a committed reference figure from its variance.csv (after changing the plot)
+    python scripts/variance_reduction.py results/variance_reduction/fashion_mnist_mlp \\
+        --results results/variance_reduction/fashion_mnist_mlp
 
-Writes ``<run dir>/variance_reduction.png`` and prints, per score, the median over measurement
-points of the variance reduction, measured and estimated tau, and distances to the gradient-norm
-distribution, and how often the paper's orderings hold.
+Writes ``<run dir>/variance_reduction.png`` (a directory under results/ only when --results names
+it) and prints, per score, the median over measurement points of the variance reduction,
+measured and estimated tau, and distances to the gradient-norm distribution, and how often the
+paper's orderings hold.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from importance_sampling.analysis import DATASET_NAMES
 from importance_sampling.variance import (
     ordering_by_step,
     ordering_holds,
@@ -67,16 +73,38 @@ def measure_checkpoint(run_dir: Path) -> None:
     print(f"measured the checkpoint at step {trainer.step}", flush=True)
 
 
+def describe(config: Path) -> str:
+    """``MLP on fashion_mnist, upper_bound sampler`` from a run's config.yaml ('' without one)."""
+    if not config.is_file():
+        return ""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text()) or {}
+    target = lambda node: str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]  # noqa: E731
+    sampler = cfg.get("sampler") or {}
+    name = sampler.get("score") or target(sampler).removesuffix("Sampler").lower()
+    dataset = target(cfg.get("dataset"))
+    what = f"{target(cfg.get('model'))} on {DATASET_NAMES.get(dataset, dataset)}"
+    return f"{what}, {name} sampler" if name else what
+
+
 def report(run_dir: Path, results: Path | None = None) -> str:
-    """Figure in the run dir, summary as text; copies the small files to ``results`` if given."""
+    """Figure in ``results`` if given, else in the run dir; summary as text; copies the small
+    files to ``results`` if given."""
     import matplotlib
 
     matplotlib.use("Agg")
     table = read_variance(run_dir)
-    config = run_dir / ".hydra" / "config.yaml"
-    title = f"{run_dir.name}: exact Tr Cov of the weighted minibatch gradient on a fixed presample"
+    config = next(
+        (p for p in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml") if p.is_file()),
+        run_dir / ".hydra" / "config.yaml",
+    )
+    what = describe(config) or run_dir.name
+    title = f"{what}: exact Tr Cov of the weighted minibatch gradient on a fixed presample"
     fig = plot_variance(table, title)
-    fig.savefig(run_dir / "variance_reduction.png", dpi=90)
+    figure_dir = results if results is not None else run_dir
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure_dir / "variance_reduction.png", dpi=90)
     holds, by_step = ordering_holds(table), ordering_by_step(table)
     text = "\n".join(
         [
@@ -92,12 +120,13 @@ def report(run_dir: Path, results: Path | None = None) -> str:
         ]
     )
     if results is not None:
-        results.mkdir(parents=True, exist_ok=True)
-        for name in ("variance.csv", "metrics.csv", "variance_reduction.png"):
-            if (run_dir / name).is_file():
-                shutil.copy(run_dir / name, results / name)
-        if config.is_file():
-            shutil.copy(config, results / "config.yaml")
+        for source, name in (
+            (run_dir / "variance.csv", "variance.csv"),
+            (run_dir / "metrics.csv", "metrics.csv"),
+            (config, "config.yaml"),
+        ):
+            if source.is_file() and source.resolve() != (results / name).resolve():
+                shutil.copy(source, results / name)
         (results / "summary.txt").write_text(text + "\n")
     return text
 

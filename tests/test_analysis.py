@@ -292,3 +292,155 @@ def test_aggregate_script_writes_the_tables_and_the_figure(sweep_dir, tmp_path, 
     for name in ("runs.csv", "time_to_loss.csv", "equal_time.csv", "table.md", "figure.png"):
         assert (tmp_path / "out" / name).is_file()
     assert aggregate.main([str(tmp_path / "nothing")]) == 1
+
+
+# ---------------------------------------------------------------- one experiment per comparison
+def test_a_folder_of_several_experiments_is_refused_naming_them(sweep_dir, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import aggregate
+
+    other = sweep_dir.parent / "2026-01-02_00-00-00"
+    write_run(other / "uniform_seed0_0", "uniform", 0, [2.0, 1.0])
+    hydra = yaml.safe_load((other / "uniform_seed0_0" / ".hydra" / "hydra.yaml").read_text())
+    hydra["hydra"]["runtime"]["choices"] |= {"experiment": "fashion_mnist_mlp"}
+    (other / "uniform_seed0_0" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+
+    runs = analysis.collect_runs(sweep_dir.parent)
+    with pytest.raises(analysis.MixedRunsError, match="2 experiments") as e:
+        analysis.check_one_experiment(runs)
+    assert "digits_mlp (digits, mlp): 4 runs" in str(e.value)
+    assert "fashion_mnist_mlp (digits, mlp): 1 run," in str(e.value)
+
+    out = tmp_path / "out"
+    assert aggregate.main([str(sweep_dir.parent), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "digits_mlp" in err and "fashion_mnist_mlp" in err and "--experiment" in err
+    assert not out.exists()
+    assert (
+        aggregate.main([str(sweep_dir.parent), "--out", str(out), "--experiment", "digits_mlp"])
+        == 0
+    )
+    assert pd.read_csv(out / "runs.csv")["run"].nunique() == 4
+
+
+def test_at_after_every_run_warns_and_uses_the_end_of_the_shortest(sweep_dir, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import aggregate
+
+    runs = analysis.collect_runs(sweep_dir)
+    at, warning = analysis.equal_time_at(runs, 60)
+    assert at == 1.0 and "after the end of every run (the longest ends at 2.0 s)" in warning
+    at, warning = analysis.equal_time_at(runs, 1.5)  # upper_bound seed 1 ends at 1.0
+    assert at == 1.5 and warning.startswith("1 of 4 runs end before train_time 1.5 s")
+    assert analysis.equal_time_at(runs, 1.0) == (1.0, None)
+
+    assert aggregate.main([str(sweep_dir), "--out", str(tmp_path / "o"), "--at", "60"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: train_time 60 s is after the end of every run" in captured.err
+    assert "At equal train_time = 1.0 s" in captured.out
+    equal = pd.read_csv(tmp_path / "o" / "equal_time.csv")
+    assert equal["train_loss_median"].notna().all()
+
+
+def test_aggregating_a_runs_csv_never_writes_beside_it(sweep_dir, tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import aggregate
+
+    reference = tmp_path / "results" / "my_reference"
+    analysis.save(analysis.collect_runs(sweep_dir), reference)
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    monkeypatch.setattr(aggregate, "ROOT", tmp_path)
+    for source in (reference / "runs.csv", reference):
+        assert aggregate.main([str(source)]) == 0
+        assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+        assert (tmp_path / "outputs" / "aggregate" / "my_reference" / "figure.png").is_file()
+    # a sweep directory gets its outputs inside it
+    assert aggregate.main([str(sweep_dir)]) == 0
+    assert (sweep_dir / "table.md").is_file()
+
+
+def test_titles_name_the_data_actually_used_and_seeds_agree_in_number():
+    runs = tidy({("uniform", 0): ([0, 1], [2.0, 1.0]), ("upper_bound", 0): ([0, 1], [2.0, 0.5])})
+    runs = runs.assign(experiment="pixel_mnist_lstm", dataset="pixel_fashion_mnist", model="lstm")
+    assert analysis.title(runs) == "LSTM on pixel-by-pixel Fashion-MNIST (preset pixel_mnist_lstm)"
+    _, _, text = analysis.report(runs, targets=[1.0])
+    assert "over 1 seed;" in text
+    assert analysis.plural(1, "seed") == "1 seed" and analysis.plural(2, "seed") == "2 seeds"
+
+
+# ---------------------------------------------------------------- figures
+def test_every_sampler_has_its_own_colour_and_line_style_in_every_figure():
+    from importance_sampling.styles import SAMPLER_STYLES, sampler_style
+
+    samplers = {p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")}
+    assert samplers <= set(SAMPLER_STYLES)
+    for key in ("color", "linestyle", "marker"):
+        values = [str(style[key]) for style in SAMPLER_STYLES.values()]
+        assert len(set(values)) == len(values), key
+    assert sampler_style("my_own") == sampler_style("my_own")  # unknown names: stable
+
+
+def test_the_figure_draws_each_sampler_in_its_style_and_hatches_censored_bars(sweep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.colors import to_rgba
+
+    from importance_sampling.styles import sampler_style
+
+    table = analysis.speedup(analysis.time_to_loss(sweep, [0.5, 0.01]))
+    fig = analysis.figure(sweep, table, "title")
+    loss_ax, error_ax, bars_ax = fig.axes[:3]
+    for line in loss_ax.get_lines():
+        sampler = line.get_label().split(" (")[0]
+        assert to_rgba(line.get_color()) == to_rgba(sampler_style(sampler)["color"])
+    assert {line.get_label() for line in loss_ax.get_lines()} == {
+        "uniform (2 seeds)",
+        "loss (2 seeds)",
+        "upper_bound (2 seeds)",
+    }
+    # target 0.01: no uniform run reaches it (a hatched bar in uniform's colour); loss and
+    # upper_bound reach it on seed 0 only, as loss does 0.5: three "1/2" labels
+    (hatched,) = [p for p in bars_ax.patches if p.get_hatch()]
+    assert to_rgba(hatched.get_edgecolor()) == to_rgba(sampler_style("uniform")["color"])
+    assert hatched.get_height() == 8.0  # up to the budget (the runs' last train_time)
+    texts = sorted(t.get_text() for t in bars_ax.texts)
+    assert texts == ["0/2", "1/2", "1/2", "1/2"]
+    legend = fig.legends[0]
+    assert any("no run reached the target" in t.get_text() for t in legend.get_texts())
+    # the test-error panel is zoomed past the first 10% of train_time (chance-level errors)
+    low, high = error_ax.get_ylim()
+    assert high < 100 * 2.0 / 10 and "zoomed" in error_ax.get_title(loc="right")
+
+
+def test_the_newest_sweep_is_the_one_that_started_last_not_the_last_touched(tmp_path):
+    import os
+
+    multirun = tmp_path / "multirun"
+    old = multirun / "digits_mlp" / "2026-01-01_10-00-00"
+    new = multirun / "2026-01-02_09-00-00"
+    hydra_style = multirun / "2026-01-01" / "23-00-00"
+    for sweep in (old, new, hydra_style):
+        sweep.mkdir(parents=True)
+        (sweep / "multirun.yaml").write_text("{}\n")
+    (old / "runs.csv").write_text("aggregated today\n")  # touching an old sweep ...
+    os.utime(old, (2e9, 2e9))
+    os.utime(old / "multirun.yaml", (2e9, 2e9))
+    assert analysis.newest_sweep(multirun) == new  # ... does not make it the newest
+    assert analysis.sweep_start(hydra_style) < analysis.sweep_start(new)
+    # a sweep directory named by the user: the earliest file written at its launch
+    named = multirun / "my_sweep"
+    (named / "run_0" / ".hydra").mkdir(parents=True)
+    (named / "multirun.yaml").write_text("{}\n")
+    (named / "run_0" / ".hydra" / "config.yaml").write_text("{}\n")
+    os.utime(named / "multirun.yaml", (2.1e9, 2.1e9))
+    os.utime(named / "run_0" / ".hydra" / "config.yaml", (2.05e9, 2.05e9))
+    assert analysis.sweep_start(named) == 2.05e9
+    assert analysis.newest_sweep(multirun) == named
+    assert analysis.newest_sweep(tmp_path / "nothing") is None

@@ -20,7 +20,7 @@ from importance_sampling.scores import cross_entropy
 
 
 def tau_as_written_in_the_paper(g):
-    """1 / (1 - ||g - u||^2 / ||g||^2), PAPER.md."""
+    """1 / (1 - ||g - u||^2 / ||g||^2), docs/method.md."""
     u = torch.full_like(g, 1 / len(g))
     return 1 / (1 - (g - u).pow(2).sum() / g.pow(2).sum())
 

@@ -4,6 +4,8 @@ W&B sweep definitions, and the analysis of a real sweep by the script and the no
 import itertools
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -290,10 +292,76 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, mon
     assert (tmp_path / "saved" / "figure.png").is_file()
 
 
+def readme_commands(containing: str) -> list[str]:
+    """The README's shell lines (bash blocks) that contain ``containing``, comments cut off."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if containing in line and not line.startswith("#")]
+
+
+def repository_copy(dest: Path) -> Path:
+    """The repository's files (tracked, or new and not ignored) copied to ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+@pytest.mark.slow
+def test_the_readmes_notebook_commands_run_as_written(joblib_sweep, tmp_path):
+    """The README's nbconvert commands, exactly, from the root of a copy of the repository with a
+    sweep in multirun/ and a run in outputs/vr_mlp (relative paths, as the README writes them);
+    then `make notebooks` (its recipe, with this interpreter for the venv's)."""
+    repo = repository_copy(tmp_path / "repo")
+    shutil.copytree(joblib_sweep, repo / "multirun" / "2026-01-01_00-00-00")
+    shutil.copytree(
+        ROOT / "results" / "variance_reduction" / "fashion_mnist_mlp", repo / "outputs" / "vr_mlp"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SWEEP_DIR", "RUN_DIR", "MPLBACKEND")}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+    }
+
+    def shell(command: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            command, shell=True, cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, command + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    commands = readme_commands("jupyter nbconvert")
+    assert len(commands) == 2
+    for command in commands:
+        shell(command.replace("<time>", "2026-01-01_00-00-00"))
+    html = repo / "outputs" / "notebooks"
+    assert (
+        "2026-01-01_00-00-00: 4 runs, 20 metrics rows" in (html / "time_to_loss.html").read_text()
+    )
+    assert "vr_mlp" in (html / "variance_reduction.html").read_text()
+    shutil.rmtree(html)
+
+    assert "make notebooks" in readme_commands("make notebooks")
+    shell(f"make -o setup notebooks PY={sys.executable}")  # the newest sweep, the references
+    assert "2026-01-01_00-00-00: 4 runs" in (html / "time_to_loss.html").read_text()
+    assert "fashion_mnist_cnn" in (html / "variance_reduction.html").read_text()
+    assert shell("jupyter lab --version").stdout.strip()  # what the README's `jupyter lab` needs
+    for name in ("time_to_loss.ipynb", "variance_reduction.ipynb"):  # never rewritten
+        assert (repo / "notebooks" / name).read_bytes() == (ROOT / "notebooks" / name).read_bytes()
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train(
+    proc = run_train(
         "-m",
         "sampler=uniform,upper_bound",
         *TINY,
@@ -306,6 +374,81 @@ def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
         summary = json.loads((sweep / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["step"] == 20
     assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
+    # the jobs printed into submitit's logs: the launching terminal still learns where they went
+    assert f"multirun: 2 runs in {sweep.resolve()}" in proc.stdout
+    assert "  upper_bound_seed0_1: completed, 20 steps, train loss" in proc.stdout
+
+
+def test_a_multirun_reports_where_its_runs_went(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "sampler=uniform,loss", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    report = proc.stdout[proc.stdout.index("multirun: ") :]
+    assert report.splitlines()[0] == f"multirun: 2 runs in {sweep.resolve()}"
+    assert "  uniform_seed0_0: completed, 20 steps, train loss " in report
+    assert "  loss_seed0_1: completed, 20 steps" in report
+    assert f"python scripts/aggregate.py {sweep.resolve()}" in report
+
+
+# ---------------------------------------------------------------- scripts/time_to_loss.py
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_loss_counts_the_runs_and_follows_each_from_its_metrics(tmp_path):
+    ttl = load_script("time_to_loss")
+    assert ttl.expected_runs(["uniform", "loss"], [0, 1, 2], ["trainer.time_budget=5"]) == 6
+    assert ttl.expected_runs(["uniform"], [0], ["optimizer.lr=0.1,0.05", "threads=1"]) == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    assert ttl.run_fraction(run, {"time_budget": 10}) == 0.0  # no metrics yet
+    (run / "metrics.csv").write_text("step,epoch,train_time\n0,0,0.0\n50,0.5,2.5\n")
+    assert ttl.run_fraction(run, {"time_budget": 10, "max_steps": None}) == 0.25
+    assert ttl.run_fraction(run, {"time_budget": None, "max_steps": 100}) == 0.5
+    assert ttl.run_fraction(run, {"time_budget": 10, "max_epochs": 1}) == 0.5  # the first limit
+
+
+@pytest.mark.slow
+def test_time_to_loss_shows_one_bar_over_the_sweep_and_leaves_results_alone(tmp_path):
+    def snapshot(folder: Path) -> dict:
+        return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+    before = snapshot(ROOT / "results")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "time_to_loss.py"),
+            "digits_mlp",
+            "--samplers",
+            "uniform",
+            "upper_bound",
+            "--seeds",
+            "0",
+            "trainer.time_budget=2",  # an override after a list option is not read as a seed
+            "threads=1",
+            "--sweep-dir",
+            str(sweep),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "IS_DATA_DIR": str(tmp_path / "data")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bar = proc.stderr.replace("\r", "\n")
+    assert "2.0/2 runs" in bar and "now: upper_bound_seed0_1" in bar  # one bar, the run in progress
+    results = [line for line in proc.stdout.splitlines() if " | results in " in line]
+    assert [line.split(" on ")[0] for line in results] == ["uniform", "upper_bound"]
+    assert "multirun: 2 runs in" in (sweep / "sweep.log").read_text()  # the jobs' own output
+    for name in ("runs.csv", "table.md", "figure.png"):
+        assert (sweep / name).is_file()
+    assert snapshot(ROOT / "results") == before
 
 
 def test_unreachable_wandb_degrades_to_offline_with_one_warning(

@@ -121,6 +121,38 @@ def test_every_config_option_composes(group, compose):
             instantiate(cfg.sampler)  # constructors validate their options
 
 
+# The values the importance samplers composed to when the shared options were a file of the
+# sampler group (sampler/_importance.yaml): moving them out of the group must not change them.
+SHARED = {
+    "_target_": "importance_sampling.samplers.ImportanceSampler",
+    "batch_size": 128,
+    "presample_size": None,
+    "tau_threshold": None,
+    "tau_momentum": 0.9,
+    "tau_kind": "variance",
+    "smoothing": 0.0,
+    "score_chunk_size": 1024,
+}
+
+
+@pytest.mark.parametrize(
+    "sampler, own",
+    [
+        ("loss", {"score": "loss"}),
+        ("upper_bound", {"score": "upper_bound"}),
+        ("gradient_norm", {"score": "gradient_norm"}),
+        ("upper_bound_auto", {"score": "upper_bound", "tau_threshold": "auto"}),
+    ],
+)
+def test_importance_samplers_compose_the_shared_options(sampler, own, compose):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(compose(f"sampler={sampler}").sampler) == {**SHARED, **own}
+    # a preset still overrides the shared options (it comes after the sampler in the defaults)
+    cfg = compose(f"sampler={sampler}", "experiment=pixel_mnist_lstm")
+    assert (cfg.sampler.batch_size, cfg.sampler.presample_size) == (32, 96)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "IS_DATA_DIR": str(cwd / "data")}
     return subprocess.run(
@@ -168,6 +200,11 @@ def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
             ["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"],
             "apt-get install dataset-fashion-mnist",
         ),
+        (
+            ["experiment=pixel_mnist_lstm", "scale=cpu"],
+            "runs on Fashion-MNIST's images instead (same format, Debian's dataset-fashion-mnist): "
+            "dataset.images=fashion_mnist",
+        ),
     ],
 )
 def test_bad_input_is_one_readable_line(args, message, tmp_path):
@@ -204,3 +241,26 @@ def test_each_sampler_trains_on_fashion_mnist_from_the_debian_files(sampler, com
     rows = read_metrics(tmp_path)
     assert summary["dataset"] == "fashion_mnist" and summary["step"] == 30
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_help_lists_only_real_samplers_and_the_shared_base_is_no_choice(tmp_path):
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("sampler: ")]
+    listed = line.removeprefix("sampler: ").split(", ")
+    assert listed == sorted(p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml"))
+    assert set(listed) == {
+        "uniform",
+        "loss",
+        "upper_bound",
+        "gradient_norm",
+        "upper_bound_auto",
+        "history",
+        "online_batch",
+        "selective_backprop",
+        "infobatch",
+    }
+    for name in ("_importance", "importance_sampler"):
+        proc = run_cli(f"sampler={name}", "trainer.max_steps=1", cwd=tmp_path)
+        assert proc.returncode == 1
+        assert f"Could not find 'sampler/{name}'" in proc.stderr

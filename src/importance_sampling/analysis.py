@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,9 +25,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .styles import SAMPLER_ORDER, plain_log_ticks, sampler_style
+
 # columns that name a run; every other column of the tidy frame is a metric of METRICS_COLUMNS
 RUN_COLUMNS = ("run", "experiment", "dataset", "model", "sampler", "optimizer", "seed", "status")
-SAMPLER_ORDER = ("uniform", "loss", "upper_bound", "gradient_norm")
 RUNS_CSV = "runs.csv"
 
 
@@ -44,7 +47,9 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFram
     """One run's metrics.csv with the columns that name it (RUN_COLUMNS) in front.
 
     Names come from the run's Hydra files (the group choices, e.g. sampler=upper_bound) and fall
-    back on summary.json; ``run`` is the directory relative to ``root``.
+    back on summary.json, except ``dataset``: summary.json's name of the data actually used
+    (``pixel_fashion_mnist`` for dataset=pixel_mnist dataset.images=fashion_mnist) comes first.
+    ``run`` is the directory relative to ``root``.
     """
     run_dir = Path(run_dir)
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
@@ -56,7 +61,7 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFram
     names = {
         "run": str(run_dir.relative_to(root)) if root is not None else str(run_dir),
         "experiment": choices.get("experiment"),
-        "dataset": choices.get("dataset") or summary.get("dataset"),
+        "dataset": summary.get("dataset") or choices.get("dataset"),
         "model": choices.get("model"),
         "sampler": choices.get("sampler") or summary.get("sampler"),
         "optimizer": choices.get("optimizer"),
@@ -96,10 +101,125 @@ def load(path: str | Path) -> pd.DataFrame:
     raise FileNotFoundError(f"no run (a directory with metrics.csv) and no {RUNS_CSV} under {path}")
 
 
+def sweep_start(sweep_dir: str | Path) -> float:
+    """When a sweep started, in seconds since the epoch: the date and time its directory is named
+    after (``<date>_<time>`` as train.py and time_to_loss.py name them, or Hydra's
+    ``<date>/<time>``), else the earliest file written at its launch (multirun.yaml, the runs'
+    .hydra/config.yaml). Never the last modification, which aggregating an old sweep updates."""
+    sweep_dir = Path(sweep_dir)
+    for name, fmt in (
+        (sweep_dir.name, "%Y-%m-%d_%H-%M-%S"),
+        (f"{sweep_dir.parent.name}/{sweep_dir.name}", "%Y-%m-%d/%H-%M-%S"),
+    ):
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[_/]\d{2}-\d{2}-\d{2}", name):
+            return time.mktime(time.strptime(name, fmt))
+    launched = [sweep_dir / "multirun.yaml", *sweep_dir.glob("*/.hydra/config.yaml")]
+    times = [p.stat().st_mtime for p in launched if p.is_file()]
+    return min(times) if times else math.nan
+
+
+def newest_sweep(root: str | Path) -> Path | None:
+    """The sweep under ``root`` (a directory with a multirun.yaml) that started last, or None."""
+    sweeps = [p.parent for p in Path(root).rglob("multirun.yaml")]
+    started = [(sweep_start(s), s) for s in sweeps]
+    started = [(t, s) for t, s in started if not math.isnan(t)]
+    return max(started)[1] if started else None
+
+
 def samplers_in_order(names: Iterable[str]) -> list[str]:
-    """The paper's order (uniform first), then any other sampler alphabetically."""
+    """The paper's order (uniform first), then the samplers beyond the paper (styles.py's order),
+    then any other sampler alphabetically."""
     names = set(names)
     return [s for s in SAMPLER_ORDER if s in names] + sorted(names - set(SAMPLER_ORDER))
+
+
+# ---------------------------------------------------------------- one experiment per comparison
+class MixedRunsError(ValueError):
+    """The runs come from more than one experiment (preset, dataset or model): comparing their
+    samplers in one table would mix unrelated numbers."""
+
+
+def setups(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct (experiment, dataset, model) among the runs: ``name``, ``runs`` (how
+    many) and ``example`` (one of its runs)."""
+    keys = [k for k in ("experiment", "dataset", "model") if k in runs.columns]
+    per_run = runs.groupby("run", sort=False)[keys].first()
+    rows = []
+    for values, group in per_run.groupby(keys, dropna=False, sort=True):
+        named = dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True))
+        rows.append({**named, "name": setup_name(**named), "runs": len(group)})
+        rows[-1]["example"] = group.index[0]
+    return pd.DataFrame(rows)
+
+
+def setup_name(experiment=None, dataset=None, model=None) -> str:
+    """``experiment (dataset, model)``, e.g. ``fashion_mnist_mlp (fashion_mnist, mlp)``."""
+    inner = ", ".join(str(v) for v in (dataset, model) if isinstance(v, str))
+    if isinstance(experiment, str):
+        return f"{experiment} ({inner})" if inner else experiment
+    return inner or "unnamed"
+
+
+def check_one_experiment(runs: pd.DataFrame) -> None:
+    """Raise MixedRunsError naming every experiment when the runs come from more than one."""
+    found = setups(runs)
+    if len(found) > 1:
+        listed = "; ".join(
+            f"{r.name}: {r.runs} run{'s' if r.runs != 1 else ''}, e.g. {r.example}"
+            for r in found.itertuples()
+        )
+        raise MixedRunsError(f"the runs come from {len(found)} experiments: {listed}")
+
+
+def select_experiment(runs: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The runs whose experiment preset or dataset is ``name``."""
+    keep = pd.Series(False, index=runs.index)
+    for column in ("experiment", "dataset"):
+        if column in runs.columns:
+            keep |= runs[column] == name
+    if not keep.any():
+        names = ", ".join(setups(runs)["name"])
+        raise MixedRunsError(f"no run of experiment or dataset {name!r} (found: {names})")
+    return runs[keep].reset_index(drop=True)
+
+
+DATASET_NAMES = {
+    "digits": "digits",
+    "fashion_mnist": "Fashion-MNIST",
+    "mnist": "MNIST",
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "svhn": "SVHN",
+    "pixel_mnist": "pixel-by-pixel MNIST",
+    "pixel_fashion_mnist": "pixel-by-pixel Fashion-MNIST",
+    "permuted_pixel_mnist": "permuted pixel-by-pixel MNIST",
+    "permuted_pixel_fashion_mnist": "permuted pixel-by-pixel Fashion-MNIST",
+}
+MODEL_NAMES = {"mlp": "MLP", "cnn": "CNN", "lstm": "LSTM", "wrn": "WRN", "resnet": "ResNet"}
+
+
+def title(runs: pd.DataFrame) -> str:
+    """A figure title from the runs themselves, e.g. ``LSTM on pixel-by-pixel Fashion-MNIST
+    (preset pixel_mnist_lstm)``: the data actually used, not the preset's name alone."""
+    parts = []
+    for r in setups(runs).to_dict("records"):
+        dataset, model, experiment = r.get("dataset"), r.get("model"), r.get("experiment")
+        what = " on ".join(
+            n
+            for n in (
+                MODEL_NAMES.get(model, model) if isinstance(model, str) else None,
+                DATASET_NAMES.get(dataset, dataset) if isinstance(dataset, str) else None,
+            )
+            if n
+        )
+        preset = f"preset {experiment}" if isinstance(experiment, str) else ""
+        parts.append(f"{what} ({preset})" if what and preset else what or preset or "runs")
+    return " + ".join(parts)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 seed``, ``2 seeds``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------- interpolation
@@ -257,6 +377,31 @@ def common_time(runs: pd.DataFrame) -> float:
     return float(runs.groupby("run")["train_time"].max().min())
 
 
+def equal_time_at(runs: pd.DataFrame, at: float | None) -> tuple[float, str | None]:
+    """The train_time of the equal-time table and a warning when ``at`` does not fit the runs.
+
+    ``at`` None: the end of the shortest run, no warning. ``at`` after the end of every run: a
+    table of '–' would say nothing, so the end of the shortest run is used instead, with a
+    warning. ``at`` after the end of some runs: kept, with a warning naming how many show '–'."""
+    common = common_time(runs)
+    if at is None:
+        return common, None
+    ends = runs.groupby("run")["train_time"].max()
+    if at > ends.max():
+        return common, (
+            f"train_time {at:g} s is after the end of every run (the longest ends at "
+            f"{ends.max():.1f} s): the equal-time table uses the end of the shortest run, "
+            f"{common:.1f} s, instead"
+        )
+    short = int((ends < at).sum())
+    if short:
+        return float(at), (
+            f"{short} of {len(ends)} runs end before train_time {at:g} s (the shortest at "
+            f"{ends.min():.1f} s): their values show as '–' in the equal-time table"
+        )
+    return float(at), None
+
+
 def equal_time_table(
     runs: pd.DataFrame,
     at: float | None = None,
@@ -317,90 +462,174 @@ def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- figures
-COLORS = {
-    "uniform": "tab:gray",
-    "loss": "tab:orange",
-    "upper_bound": "tab:blue",
-    "gradient_norm": "tab:green",
-}
+# Every sampler keeps one colour, line style and marker in every figure (styles.py).
+CENSORED_HATCH = "////"
+
+
+def _seeds_label(runs: pd.DataFrame, sampler: str) -> str:
+    return f"{sampler} ({plural(runs.loc[runs['sampler'] == sampler, 'run'].nunique(), 'seed')})"
+
+
+def focus_range(table: pd.DataFrame, skip: float = 0.1) -> tuple[float, float]:
+    """A y-range for a ``curves`` table that leaves out the first ``skip`` of the time axis (the
+    first seconds, where every run starts from chance and would squash the rest), padded by 8%."""
+    late = table[table["train_time"] >= skip * table["train_time"].max()]
+    low, high = float(late["min"].min()), float(late["max"].max())
+    pad = 0.08 * (high - low) or 0.05 * abs(high) or 1.0
+    return low - pad, high + pad
 
 
 def plot_curves(
-    runs: pd.DataFrame, metric: str, ax=None, log: bool = False, ylabel: str | None = None
+    runs: pd.DataFrame,
+    metric: str,
+    ax=None,
+    log: bool = False,
+    ylabel: str | None = None,
+    scale: float = 1.0,
+    focus: bool = False,
+    legend: bool = True,
 ):
-    """``metric`` against train_time: the median over seeds per sampler and a min-max band."""
+    """``metric`` against train_time: the median over seeds per sampler and a min-max band.
+
+    ``scale`` multiplies the values (100: a rate in %); ``focus`` zooms the y-axis past the first
+    10% of train_time (see ``focus_range``) and says so in the panel's title."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
     table = curves(runs, metric)
+    table[["median", "min", "max"]] *= scale
     for sampler in samplers_in_order(table["sampler"]):
         c = table[table["sampler"] == sampler]
-        n = runs[runs["sampler"] == sampler]["run"].nunique()
-        color = COLORS.get(sampler)
-        ax.plot(c["train_time"], c["median"], color=color, label=f"{sampler} ({n} seeds)")
-        ax.fill_between(c["train_time"], c["min"], c["max"], color=color, alpha=0.2, lw=0)
+        style = sampler_style(sampler)
+        ax.plot(
+            c["train_time"],
+            c["median"],
+            lw=1.8,
+            ms=4,
+            markevery=0.1,
+            label=_seeds_label(runs, sampler),
+            **style,
+        )
+        ax.fill_between(c["train_time"], c["min"], c["max"], color=style["color"], alpha=0.15, lw=0)
     if log:
         ax.set_yscale("log")
+        plain_log_ticks(ax)
+    if focus:
+        ax.set_ylim(*focus_range(table))
+        start = 0.1 * table["train_time"].max()
+        ax.set_title(f"y-axis zoomed on train_time ≥ {start:.0f} s", fontsize=9, loc="right")
     ax.set_xlabel("train_time (s)")
     ax.set_ylabel(ylabel or metric)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if legend:
+        ax.legend(fontsize=8)
     return ax
 
 
-def plot_time_to_loss(table: pd.DataFrame, ax=None):
+def censored_patch():
+    """Legend entry that explains a censored (hatched) time-to-loss bar."""
+    from matplotlib.patches import Patch
+
+    return Patch(
+        facecolor="white",
+        edgecolor="0.3",
+        hatch=CENSORED_HATCH,
+        label="hatched: no run reached the target,\nbar = its budget (k/n: runs that did)",
+    )
+
+
+def plot_time_to_loss(table: pd.DataFrame, ax=None, legend: bool = True):
     """Bars of the median time to each target per sampler (``speedup`` output), with min-max
-    whiskers over the runs that reached it; a hatched bar up to the budget when none did."""
+    whiskers over the runs that reached it. A sampler none of whose runs reached a target gets a
+    hatched bar in its colour up to its budget (censored); ``k/n`` over a bar says that only k of
+    its n runs reached the target."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Patch
 
     ax = ax or plt.gca()
     targets = list(dict.fromkeys(table["target"]))
     samplers = samplers_in_order(table["sampler"])
     width = 0.8 / len(samplers)
+    handles = []
     for j, sampler in enumerate(samplers):
         rows = table[table["sampler"] == sampler].set_index("target").reindex(targets)
         x = np.arange(len(targets)) + (j - (len(samplers) - 1) / 2) * width
-        color = COLORS.get(sampler)
+        color = sampler_style(sampler)["color"]
         reached = rows["reached"].to_numpy() > 0
         med = rows["time_median"].to_numpy()
         err = np.array([med - rows["time_min"].to_numpy(), rows["time_max"].to_numpy() - med])
-        ax.bar(
-            x[reached],
-            med[reached],
-            width,
-            color=color,
-            yerr=err[:, reached],
-            capsize=2,
-            label=sampler if reached.any() else None,
-        )
+        ax.bar(x[reached], med[reached], width, color=color, yerr=err[:, reached], capsize=2)
+        censored_at = rows["censored_at"].to_numpy()
         ax.bar(
             x[~reached],
-            rows["censored_at"].to_numpy()[~reached],
+            censored_at[~reached],
             width,
-            color="none",
+            facecolor=to_rgba(color, 0.12),
             edgecolor=color,
-            hatch="//",
-            label=None if reached.any() else f"{sampler} (never)",
+            hatch=CENSORED_HATCH,
+            lw=1,
         )
-        for xi, r, n in zip(x, rows["reached"], rows["runs"], strict=True):
+        handles.append(Patch(color=color, label=sampler))
+        tops = np.where(reached, rows["time_max"].to_numpy(), censored_at)
+        for xi, top, r, n in zip(x, tops, rows["reached"], rows["runs"], strict=True):
             if r < n:  # some runs never reached the target: say how many did
-                ax.annotate(f"{r}/{n}", (xi, 0), ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"{r}/{n}",
+                    (xi, top),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=7,
+                )
     ax.set_xticks(np.arange(len(targets)), [f"{t:g}" for t in targets])
     ax.set_xlabel("target training loss")
-    ax.set_ylabel("train_time to reach it (s)")
+    ax.set_ylabel("train_time to reach it (s), median over seeds")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
+    if legend:  # beside the axes: the bars fill the panel up to the longest budget
+        ax.legend(
+            handles=[*handles, censored_patch()],
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+        )
     return ax
 
 
 def figure(runs: pd.DataFrame, table: pd.DataFrame, title: str | None = None):
-    """The three panels: training loss (log), test error, time to loss."""
+    """The three panels: training loss (log), test error (%, zoomed past the first seconds), time
+    to loss; one legend for the three, under them."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
-    plot_curves(runs, "train_loss", axes[0], log=True, ylabel="training loss")
-    plot_curves(runs, "test_error", axes[1], ylabel="test error")
-    plot_time_to_loss(table, axes[2])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4), layout="constrained")
+    plot_curves(runs, "train_loss", axes[0], log=True, ylabel="training loss", legend=False)
+    plot_curves(
+        runs,
+        "test_error",
+        axes[1],
+        ylabel="test error (%)",
+        scale=100,
+        focus=True,
+        legend=False,
+    )
+    plot_time_to_loss(table, axes[2], legend=False)
+    handles = [
+        Line2D([], [], lw=2, ms=5, label=_seeds_label(runs, s), **sampler_style(s))
+        for s in samplers_in_order(runs["sampler"])
+    ]
+    handles.append(censored_patch())
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(len(handles), 5),
+        fontsize=9,
+        handlelength=3.5,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title)
     return fig
@@ -488,10 +717,12 @@ def report(
     """(speedup table, equal-time table, markdown of both) with the defaults above."""
     targets = default_targets(runs, baseline) if targets is None else list(targets)
     table = speedup(time_to_loss(runs, targets), baseline)
+    at, warning = equal_time_at(runs, at)
     equal = equal_time_table(runs, at, baseline)
-    seeds = runs.groupby("sampler")["seed"].nunique().max()
+    seeds = int(runs.groupby("sampler")["run"].nunique().max())
     text = (
-        f"Time to reach a training loss (train_time, median [min, max] over {seeds} seeds; "
+        f"Time to reach a training loss (train_time, median [min, max] over "
+        f"{plural(seeds, 'seed')}; "
         f"'> t': no run reached it within t s; speedup = t_{baseline} / t_sampler per seed, "
         f"'<' / '>': a bound, as some runs never reached the target):\n\n"
         f"{time_to_loss_markdown(table, baseline)}\n\n"
@@ -499,6 +730,8 @@ def report(
         f"'vs {baseline}' = ratio of medians):\n\n"
         f"{equal_time_markdown(equal, baseline)}\n"
     )
+    if warning:
+        text += f"\nWarning: {warning}.\n"
     return table, equal, text
 
 

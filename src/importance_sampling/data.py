@@ -260,6 +260,13 @@ def _missing(name: str, where: Path, dataset: str) -> DataError:
         f"{name} is not in {where}. Download it (needs internet) with:\n"
         f"  python train.py dataset={dataset} dataset.download=true\n"
         f"or set data_dir (or IS_DATA_DIR) to a directory that holds it."
+        + (
+            "\nWithout internet, the pixel-sequence experiment (dataset=pixel_mnist) runs on "
+            "Fashion-MNIST's images instead (same format, Debian's dataset-fashion-mnist): "
+            "dataset.images=fashion_mnist"
+            if name == "MNIST"
+            else ""
+        )
     )
 
 

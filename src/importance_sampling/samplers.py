@@ -228,7 +228,7 @@ class ImportanceSampler(Sampler):
             (medians of the last ``AUTO_WINDOW`` timings; a timed scoring probe provides the first
             scoring time). Logged as the ``tau_threshold``, ``cost_step_ms``, ``cost_score_ms`` columns.
         tau_momentum: a_tau of the moving average of tau_hat.
-        tau_kind: ``variance`` (tau = B sum g^2, docs/method.md) or ``std`` (its square root, as
+        tau_kind: ``variance`` (tau = B sum g^2, docs/method.md#two-units-for-tau) or ``std`` (its square root, as
             in the official code); the default threshold is the same for both.
         smoothing: constant added to every score before normalising (0 = the paper's rule).
         score_chunk_size: points per forward (or per gradient-norm chunk) when scoring.

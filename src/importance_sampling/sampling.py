@@ -1,4 +1,4 @@
-"""The maths of Algorithm 1 (docs/method.md): presample -> score -> resample -> weights, and the
+"""The maths of Algorithm 1 (docs/method.md#algorithm-1): presample -> score -> resample -> weights, and the
 tau switch. Pure functions on tensors, so they drop into any training loop::
 
     probs = importance_probabilities(scores)                 # g_i = G_i / sum_j G_j over U
@@ -68,7 +68,7 @@ def importance_weights(probs: Tensor, positions: Tensor) -> Tensor:
 
 
 def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Tensor:
-    """tau_hat (docs/method.md, "When to switch it on"): importance sampling with batch b has the
+    """tau_hat (docs/method.md#the-equivalent-batch-increment-tau): importance sampling with batch b has the
     variance of uniform sampling with batch tau * b.
 
     ``variance``: 1/tau = 1 - ||g - u||^2 / ||g||^2, which simplifies to tau = B * sum_i g_i^2
@@ -100,7 +100,7 @@ def tau_from_sums(sums: Tensor, kind: TauKind = "variance") -> Tensor:
 
 def default_tau_threshold(batch_size: int, presample_size: int) -> float:
     """tau_th = (B + 3b) / (3b): the cost of an importance step over a uniform one, taking a
-    backward pass as twice a forward pass (docs/method.md, "When to switch it on")."""
+    backward pass as twice a forward pass (docs/method.md#the-threshold)."""
     return (presample_size + 3 * batch_size) / (3 * batch_size)
 
 

@@ -1,4 +1,4 @@
-"""Per-sample importance scores (PAPER.md, "Why sample by gradient norm" and "The upper bound").
+"""Per-sample importance scores (docs/method.md, "Why sample by gradient norm", "The upper bound").
 
 Every score maps a batch to a non-negative tensor of shape (n,):
 

@@ -1,5 +1,5 @@
-"""What each sampler does to the gradient, measured exactly (PAPER.md, "Variance reduction,
-measured exactly").
+"""What each sampler does to the gradient, measured exactly
+(docs/method.md#variance-reduction-measured-exactly).
 
 On a fixed presample U of B points with per-sample gradients v_i, a sampling distribution q over
 U and weights w_i = 1/(B q_i), the minibatch estimator (1/b) sum_k w_{I_k} v_{I_k} (b draws with
@@ -16,7 +16,7 @@ gradient_norm (the optimum) come:
                           of a confidently right sample) never draws it: that estimator is biased,
                           and its squared bias is added (``bias_sq``, the mean squared error);
 - ``variance_reduction``  1 - variance_ratio, the share of uniform's variance removed
-                          ((Tr V_u - Tr V_g) / Tr V_u in PAPER.md);
+                          ((Tr V_u - Tr V_g) / Tr V_u in docs/method.md);
 - ``tau_measured``        Tr Cov_uniform / Tr Cov_q: uniform sampling needs a batch this many
                           times larger for the same variance, i.e. the equivalent batch increment
                           that tau estimates. ``tau_hat`` = B sum_i q_i^2 is the trainer's cheap
@@ -74,7 +74,7 @@ def trace_covariance(
     sq_norms: Tensor, mean_grad_sq: Tensor | float, probs: Tensor, batch_size: int
 ) -> Tensor:
     """Exact Tr Cov of (1/b) sum_k w_{I_k} v_{I_k}, I_k ~ probs i.i.d., w_i = 1/(B probs_i), as
-    in PAPER.md: valid when every non-zero gradient has probability > 0 (the estimator is then
+    in docs/method.md: valid when every non-zero gradient has probability > 0 (the estimator is then
     unbiased; ``estimator_error`` covers the other case).
 
     Args:
@@ -325,14 +325,6 @@ class VarianceCallback(Callback):
 
 
 # ------------------------------------------------------------------ analysis of variance.csv
-COLORS = {
-    "uniform": "tab:gray",
-    "loss": "tab:orange",
-    "upper_bound": "tab:blue",
-    "gradient_norm": "tab:green",
-}
-
-
 def read_variance(run_dir: str | Path):
     """``run_dir/variance.csv`` as a pandas DataFrame."""
     import pandas as pd
@@ -381,51 +373,74 @@ def summarize(table):
 
 
 def plot_variance(table, title: str = ""):
-    """Four panels over training steps: variance reduction of each score, TV distance and rank
-    correlation to the gradient-norm distribution, tau (estimated vs measured). Returns the figure."""
+    """Four panels over training steps: variance reduction of each score, its TV distance and
+    rank correlation to the gradient-norm distribution, and tau (measured vs estimated). Each
+    score keeps its colour, line style and marker (styles.py). Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
-    axes = axes.ravel()
+    from .styles import plain_log_ticks, sampler_style
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
+    (ax_vr, ax_tv), (ax_rank, ax_tau) = axes
     by_score = {name: g.sort_values("step") for name, g in table.groupby("score")}
-    panels = [
-        ("variance_reduction", "variance reduction  1 - TrCov_q / TrCov_uniform", DISTRIBUTIONS),
-        (
-            "tv_distance",
-            "TV distance to the gradient-norm distribution",
-            ("uniform", "loss", "upper_bound"),
-        ),
-        ("spearman", "rank correlation with the gradient norm", ("loss", "upper_bound")),
-    ]
-    for ax, (column, label, names) in zip(axes, panels, strict=False):
-        for name in names:
-            if name in by_score:
-                g = by_score[name]
-                ax.plot(g.step, g[column], "o-", ms=3, color=COLORS[name], label=name)
-        ax.set(xlabel="step", ylabel=label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    ax = axes[3]
+    span = float(table.step.max() - table.step.min()) or 1.0
+
+    def line(ax, name: str, y, offset: float = 0.0, **kwargs) -> None:
+        g = by_score[name]
+        style = {**sampler_style(name), "ms": 5, "lw": 1.6, **kwargs}
+        ax.plot(g.step + offset * span, y(g), **style)
+
+    for name in DISTRIBUTIONS:
+        if name in by_score:
+            line(ax_vr, name, lambda g: g.variance_reduction, label=name)
+    ax_vr.set(xlabel="step", ylabel="variance reduction  1 - TrCov_q / TrCov_uniform")
+    for name in ("uniform", "loss", "upper_bound"):
+        if name in by_score:
+            line(ax_tv, name, lambda g: g.tv_distance, label=name)
+    ax_tv.set(xlabel="step", ylabel="TV distance to the gradient-norm distribution")
+    # Both rank correlations sit near 1 after the first steps: 1 - rho on a log axis separates
+    # them, and the loss's markers are hollow and nudged sideways so neither hides the other.
+    for name, offset, hollow in (("loss", -0.006, True), ("upper_bound", 0.006, False)):
+        if name in by_score:
+            line(
+                ax_rank,
+                name,
+                lambda g: (1 - g.spearman).clip(lower=1e-6),
+                offset,
+                label=name,
+                **({"mfc": "white"} if hollow else {}),
+            )
+    ax_rank.set(
+        xlabel="step",
+        ylabel="1 - Spearman rank correlation with the gradient norm",
+        yscale="log",
+    )
+    ax_rank.set_title("lower = ranks points more like the gradient norm", fontsize=9, loc="right")
+    plain_log_ticks(ax_rank)
     for name in ("loss", "upper_bound", "gradient_norm"):
         if name in by_score:
-            g = by_score[name]
-            ax.plot(
-                g.step,
-                g.tau_measured,
-                "o-",
-                ms=3,
-                color=COLORS[name],
-                label=f"{name}: measured TrCov_u / TrCov_q",
+            line(
+                ax_tau, name, lambda g: g.tau_measured, label=f"{name}: measured TrCov_u / TrCov_q"
             )
-            ax.plot(
-                g.step, g.tau_hat, "--", color=COLORS[name], label=f"{name}: tau_hat = B sum q^2"
+            line(
+                ax_tau,
+                name,
+                lambda g: g.tau_hat,
+                marker="",
+                linestyle=(0, (2, 2)),
+                lw=1.2,
+                label=f"{name}: tau_hat = B sum q^2",
             )
     g = by_score.get("uniform", table)
     tau = g.trainer_tau.where(g.trainer_tau > 0)  # 0 before the first step (Algorithm 1)
-    ax.plot(g.step, tau, "k:", label="trainer's tau (moving average)")
-    ax.set(xlabel="step", ylabel="equivalent batch increment tau", yscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax_tau.plot(
+        g.step, tau, color="black", linestyle=":", lw=1.6, label="trainer's tau (moving average)"
+    )
+    ax_tau.set(xlabel="step", ylabel="equivalent batch increment tau", yscale="log")
+    plain_log_ticks(ax_tau)
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8 if ax is not ax_tau else 7, handlelength=3.5)
     if title:
         fig.suptitle(title)
     return fig
