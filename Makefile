@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup train test lint data clean
+.PHONY: setup train test lint data slurm clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,17 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "note: Fashion-MNIST tests need 'sudo apt-get install dataset-fashion-mnist' (skipped without it)"; fi
 
+# A real SLURM cluster for tests/test_slurm.py (scripts/local_slurm.sh starts it): Debian's packages.
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; \
+	else echo "note: SLURM tests need 'sudo apt-get install slurm-wlm munge' (skipped without it)"; fi
+
 train: setup
 	$(PY) train.py $(ARGS)
 
-test: setup data
+test: setup data slurm
 	$(PY) -m pytest $(ARGS)
 
 lint: setup

@@ -3,11 +3,14 @@
 # before the cluster, and run the SLURM tests. It installs nothing; it needs Debian's slurm-wlm and
 # munge packages (sudo apt-get install slurm-wlm munge).
 #
-#   eval "$(scripts/local_slurm.sh start)"   # starts munged, slurmctld, slurmd; exports SLURM_CONF
-#   sinfo; python train.py -m hydra/launcher=submitit_slurm ...
-#   scripts/local_slurm.sh status            # what runs
-#   scripts/local_slurm.sh stop              # cancels the jobs, stops the daemons
+#   eval "$(sudo scripts/local_slurm.sh start)"  # munged, slurmctld, slurmd; exports SLURM_CONF
+#   sinfo                                        # partition "local", this machine's node, idle
+#   python train.py -m hydra/launcher=slurm hydra.launcher.partition=local ...
+#   sudo scripts/local_slurm.sh status           # what runs
+#   sudo scripts/local_slurm.sh stop             # cancels the jobs left, stops the daemons
 #
+# The daemons run as root (slurmd starts each job as the user who submitted it); any user can
+# submit.
 # Everything (config, munge key and socket, state, spool, logs) lives in LOCAL_SLURM_DIR
 # (default: $TMPDIR/local_slurm). Messages go to stderr; stdout gets only the `export` line(s).
 # Environment: LOCAL_SLURM_DIR, LOCAL_SLURM_PORT (slurmctld's port, slurmd uses the next one;
@@ -18,6 +21,7 @@ DIR=${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/local_slurm}
 PORT=${LOCAL_SLURM_PORT:-6817}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
 CONF=$DIR/slurm.conf
+PATH=$PATH:/usr/sbin:/sbin # the daemons, for users whose PATH lacks them
 MUNGE_SOCKET=$DIR/munge/munge.socket.2
 export SLURM_CONF=$CONF
 
@@ -27,24 +31,23 @@ die() {
 	exit 1
 }
 
-# pid of a daemon from its pid file, if that process still runs
+# pid of a daemon from its pid file, if that process still runs and is that daemon
 running() {
 	local pid
-	[[ -f $DIR/$1.pid ]] && pid=$(<"$DIR/$1.pid") && [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null &&
-		echo "$pid"
+	[[ -f $DIR/$1.pid ]] && pid=$(<"$DIR/$1.pid") && [[ -n $pid ]] &&
+		[[ $(ps -p "$pid" -o comm= 2>/dev/null) == "$1" ]] && echo "$pid"
 }
 
 check_installed() {
+	# slurmd starts each job as the user who submitted it: that needs root
+	[[ $(id -u) == 0 ]] || die "the daemons run as root (slurmd starts jobs as their users): sudo $0 start"
 	local missing=()
-	for cmd in munged slurmctld slurmd sinfo sbatch scontrol; do
+	for cmd in munged slurmctld slurmd sinfo squeue sbatch scancel scontrol; do
 		command -v "$cmd" >/dev/null || missing+=("$cmd")
 	done
 	if ((${#missing[@]})); then
 		die "${missing[*]} not found: install Debian's packages with 'sudo apt-get install slurm-wlm munge'"
 	fi
-	# slurmd starts job steps as the submitting user, which needs root (sudo scripts/local_slurm.sh
-	# start: then only root may submit, as in the tests)
-	[[ $(id -u) == 0 ]] || die "slurmd must run as root to start jobs: run it with sudo"
 }
 
 write_config() {
@@ -62,7 +65,9 @@ SlurmdPort=$((PORT + 1))
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire: how long a requeued job waits before it runs again (default 120 s); a step must
+# start within it, which takes a second on one machine
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=15
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -77,6 +82,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # a job without a memory request gets its share per core, so that 1-core jobs run side by side
 DefMemPerCPU=$((mem / cpus))
+# look at pending jobs every 2 s, not 60 (a requeued job waits for a pass once cred_expire is over)
+SchedulerParameters=sched_interval=2
 # a cancelled job gets SIGKILL this many seconds after SIGTERM (default 30)
 KillWait=5
 ReturnToService=2
@@ -97,11 +104,19 @@ start() {
 		echo "export SLURM_CONF=$CONF"
 		return
 	fi
+	local port
+	for port in "$PORT" "$((PORT + 1))"; do # another cluster would answer our clients instead
+		if [[ -z $(running slurmctld) ]] && (: </dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+			die "port $port is taken (another SLURM?): set LOCAL_SLURM_PORT to a free pair of ports"
+		fi
+	done
 	write_config
 	if [[ -z $(running munged) ]]; then
 		[[ -f $DIR/munge/munge.key ]] ||
 			(umask 077 && head -c 1024 /dev/urandom >"$DIR/munge/munge.key")
-		munged --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
+		# --force: munged otherwise refuses a socket under a folder that not all may enter (pytest's
+		# temporary folders are 0700); only root's clients can reach it there, and that is enough.
+		munged --force --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
 			--pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" \
 			--seed-file="$DIR/munge/munged.seed" ||
 			die "munged did not start; see $DIR/log/munged.log"
@@ -130,9 +145,10 @@ stop() {
 			sleep 0.5
 		done
 	fi
-	local name pid
+	local name pid stopped=0
 	for name in slurmd slurmctld munged; do
 		pid=$(running "$name") || continue
+		stopped=$((stopped + 1))
 		kill "$pid"
 		for _ in $(seq 50); do
 			kill -0 "$pid" 2>/dev/null || break
@@ -144,6 +160,7 @@ stop() {
 		fi
 		say "stopped $name (pid $pid)"
 	done
+	((stopped)) || say "nothing runs in $DIR"
 }
 
 status() {

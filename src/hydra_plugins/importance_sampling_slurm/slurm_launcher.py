@@ -101,31 +101,32 @@ def wait_for(jobs: Sequence[Any]) -> dict[str, str]:
     """Wait until every job wrote its results or left SLURM's queue without them.
 
     Returns ``{job id: state}`` of the jobs that ended without results ("ENDED" for a job that
-    squeue no longer lists). Polls every second at first, then less often (at most every 30 s).
+    squeue no longer lists). Result files are looked for every second; squeue is asked every
+    second at first, then less and less often (at most every 30 s), as submitit asks sacct.
     """
     waiting, failed = list(jobs), {}
     ended_at: dict[str, float] = {}  # when squeue first showed the job ended without results
-    delay = 1.0
+    delay, next_squeue = 1.0, 0.0
     while waiting:
-        states = squeue_states([job.job_id for job in waiting])
-        still = []
-        for job in waiting:
-            if has_results(job):
-                continue
-            state = "RUNNING" if states is None else states.get(job.job_id, "ENDED")
-            if state in ACTIVE:
-                ended_at.pop(job.job_id, None)
-                still.append(job)
-            elif state in ("COMPLETED", "ENDED") and (
-                time.time() - ended_at.setdefault(job.job_id, time.time()) < RESULT_GRACE_S
-            ):  # it may have written its results: a shared filesystem can show them late
-                still.append(job)
-            else:
-                failed[job.job_id] = state
-        waiting = still
+        waiting = [job for job in waiting if not has_results(job)]
+        if waiting and time.time() >= next_squeue:
+            states = squeue_states([job.job_id for job in waiting])
+            still = []
+            for job in waiting:
+                state = "RUNNING" if states is None else states.get(job.job_id, "ENDED")
+                if state in ACTIVE or has_results(job):
+                    ended_at.pop(job.job_id, None)
+                    still.append(job)
+                elif state in ("COMPLETED", "ENDED") and (
+                    time.time() - ended_at.setdefault(job.job_id, time.time()) < RESULT_GRACE_S
+                ):  # it may have written its results: a shared filesystem can show them late
+                    still.append(job)
+                else:
+                    failed[job.job_id] = state
+            waiting = still
+            next_squeue, delay = time.time() + delay, min(1.5 * delay, MAX_POLL_S)
         if waiting:
-            time.sleep(delay)
-            delay = min(1.5 * delay, MAX_POLL_S)
+            time.sleep(1.0)
     return failed
 
 
