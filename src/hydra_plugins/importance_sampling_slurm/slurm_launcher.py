@@ -7,8 +7,8 @@ hydra-submitit-launcher's SLURM launcher, with three changes a researcher on a r
   with a warning every few seconds, and a job that dies without writing its result (a bad option:
   train.py exits 1; scancel; out of memory) is then never seen to end, so the multirun waits
   forever;
-- a job that fails is reported as one line with its SLURM state, its error line and its log file,
-  instead of submitit's exception;
+- a job that fails is reported with its SLURM state, its error line and its log file, instead of
+  submitit's exception and stack trace;
 - a job that SLURM preempts or times out (with ``max_num_timeout`` > 0) is requeued with
   ``trainer.resume=true``: it continues from its checkpoint.pt (``trainer.checkpoint_every``).
 
@@ -130,6 +130,13 @@ def wait_for(jobs: Sequence[Any]) -> dict[str, str]:
     return failed
 
 
+def failed_log(job: Any) -> Path:
+    """The stderr of the job's first task that wrote no result (task 0's if none did)."""
+    tasks = [job.task(k) for k in range(job.num_tasks)]
+    failed = [task for task in tasks if not task.paths.result_pickle.exists()]
+    return (failed or tasks)[0].paths.stderr
+
+
 def error_line(log_file: Path) -> str:
     """The line of a job's stderr that says what went wrong.
 
@@ -210,17 +217,19 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         returns, failures = [], []
         for num, overrides, job in zip(nums, job_overrides, jobs, strict=True):
             what = f"#{num} SLURM job {job.job_id} %s ({' '.join(filter_overrides(overrides))})"
+            log_file = failed_log(job)
             if job.job_id in ended:
-                failures.append((what % ended[job.job_id], error_line(job.paths.stderr), job))
+                state = ended[job.job_id]
+                failures.append((what % state, state, error_line(log_file), log_file))
                 continue
             try:
                 ret = job.results()[0]  # rank 0's
             except submitit.core.utils.UncompletedJobError:  # submitit itself failed in the job
-                failures.append((what % "FAILED", error_line(job.paths.stderr), job))
+                failures.append((what % "FAILED", "FAILED", error_line(log_file), log_file))
                 continue
-            if ret.status == JobStatus.FAILED:
-                e = ret._return_value
-                failures.append((what % "FAILED", f"{type(e).__name__}: {e}", job))
+            if ret.status == JobStatus.FAILED:  # an exception in the run (its trace is in the log)
+                e = ret._return_value  # (the property would raise it)
+                failures.append((what % "FAILED", "FAILED", f"{type(e).__name__}: {e}", log_file))
             returns.append(ret)
         if failures:
             # One message, no stack trace (a raised exception would get Hydra's traceback hint).
@@ -229,12 +238,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return returns
 
 
-def report(failures: list[tuple[str, str, Any]], n_jobs: int, sweep_dir: Path) -> str:
-    """What failed: per job its number, SLURM id and state, overrides, error line and log."""
+def report(failures: list[tuple[str, str, str, Path]], n_jobs: int, sweep_dir: Path) -> str:
+    """What failed: per job (description, SLURM state, error line, log file)."""
     lines = [f"error: {len(failures)} of {n_jobs} SLURM jobs failed (runs in {sweep_dir}):"]
-    for what, error, job in failures:
-        lines += [f"  {what}", f"    {error}", f"    log: {job.paths.stderr}"]
-    if any(" FAILED " not in what for what, _, _ in failures):  # cancelled, timed out, ...
+    for what, _, error, log_file in failures:
+        lines += [f"  {what}", f"    {error}", f"    log: {log_file}"]
+    if any(state != "FAILED" for _, state, _, _ in failures):  # cancelled, timed out, ...
         lines.append(
             "  a run that SLURM stopped continues from its checkpoint.pt (trainer.checkpoint_every) "
             f"when the same command runs again with trainer.resume=true hydra.sweep.dir={sweep_dir}"
