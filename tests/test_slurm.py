@@ -123,10 +123,10 @@ def cluster(tmp_path_factory):
     """A SLURM cluster for this module, started and stopped by scripts/local_slurm.sh."""
     missing = [cmd for cmd in NEEDED if shutil.which(cmd) is None]
     reason = None
-    if missing:
-        reason = f"{', '.join(missing)} not found: apt-get install slurm-wlm munge (make test does, as root)"
-    elif os.geteuid() != 0:
+    if os.geteuid() != 0:
         reason = "slurmd must run as root to start jobs (scripts/local_slurm.sh start as root)"
+    elif missing:
+        reason = f"{', '.join(missing)} not found: apt-get install slurm-wlm munge (make test does, as root)"
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
