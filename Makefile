@@ -8,7 +8,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 NOTEBOOKS := notebooks/time_to_loss.ipynb notebooks/variance_reduction.ipynb
 
-.PHONY: setup train test lint data notebooks clean
+.PHONY: setup train test lint data slurm notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -27,10 +27,17 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "note: Fashion-MNIST tests need 'sudo apt-get install dataset-fashion-mnist' (skipped without it)"; fi
 
+# A real SLURM cluster for tests/test_slurm.py (scripts/local_slurm.sh starts it): Debian's packages.
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; \
+	else echo "note: SLURM tests need 'sudo apt-get install slurm-wlm munge' (skipped without it)"; fi
+
 train: setup
 	$(PY) train.py $(ARGS)
 
-test: setup data
+test: setup data slurm
 	$(PY) -m pytest $(ARGS)
 
 # Executes the notebooks as they are committed (SWEEP_DIR / RUN_DIR from the environment, relative

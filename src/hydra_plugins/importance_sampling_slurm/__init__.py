@@ -1,0 +1,1 @@
+"""The project's Hydra launcher for SLURM (hydra/launcher=slurm); see slurm_launcher.py."""

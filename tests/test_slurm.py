@@ -1,0 +1,419 @@
+"""SLURM for real: scripts/local_slurm.sh starts a single-node cluster (munged, slurmctld, slurmd)
+and Hydra multiruns go through it with hydra/launcher=slurm, as the README shows.
+
+Needs Debian's slurm-wlm and munge and root (make test installs them as root): without them the
+cluster tests skip, and fail under CI=true. The cluster has no accounting (no slurmdbd), like many
+small clusters: sacct fails there, and the launcher must do without it.
+"""
+
+import csv
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "local_slurm.sh"
+NEEDED = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol"]
+
+
+def readme_command() -> list[str]:
+    """The arguments of the README's SLURM sweep on one machine (the tests run that command)."""
+    readme = (ROOT / "README.md").read_text()
+    (line,) = re.findall(
+        r"^python train\.py -m hydra/launcher=slurm .*partition=local.*$", readme, re.M
+    )
+    return shlex.split(line)[2:]
+
+
+# ---------------------------------------------------------------- no cluster needed
+def test_error_line_finds_what_went_wrong_in_a_job_log(tmp_path):
+    from hydra_plugins.importance_sampling_slurm.slurm_launcher import error_line
+
+    log = tmp_path / "log.err"
+    log.write_text(
+        "error: sampler: sampler.batch_size must be >= 1, got -3\n"
+        "srun: error: node1: task 0: Exited with exit code 1\n"
+    )
+    assert error_line(log) == "error: sampler: sampler.batch_size must be >= 1, got -3"
+    log.write_text(
+        "submitit WARNING - Bypassing signal SIGTERM\n"
+        "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T00:00:00 ***\n"
+        "srun: forcing job termination\n"
+    )
+    assert (
+        error_line(log)
+        == "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T00:00:00 ***"
+    )
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    assert error_line(log) == "RuntimeError: CUDA out of memory"
+    assert error_line(tmp_path / "missing.err") == "(no log)"
+
+
+def test_squeue_states_expands_arrays_and_treats_forgotten_jobs_as_absent(tmp_path, monkeypatch):
+    """squeue's own output format, from a stand-in squeue (the cluster tests run the real one)."""
+    from hydra_plugins.importance_sampling_slurm.slurm_launcher import squeue_states
+
+    fake = tmp_path / "squeue"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo "$@" > "$(dirname "$0")/args"\n'
+        'case "$*" in *--jobs=99*) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1;; esac\n'
+        "printf '12_0 COMPLETED\\n12_1 RUNNING\\n12_[2-4%%2] PENDING\\n13 FAILED\\n'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    states = squeue_states(["12_0", "12_3", "13"])
+    assert states == {
+        "12_0": "COMPLETED",
+        "12_1": "RUNNING",
+        "12_2": "PENDING",
+        "12_3": "PENDING",
+        "12_4": "PENDING",
+        "13": "FAILED",
+    }
+    assert "--jobs=12,13" in (tmp_path / "args").read_text()  # one call for all the jobs
+    assert squeue_states(["99_0"]) == {}  # ended more than MinJobAge ago: no longer listed
+
+
+def test_slurm_launcher_config_composes_over_the_plugin(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("importance_sampling_slurm.slurm_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1
+    assert launcher.submitit_folder.endswith("/.submitit/%j")  # the plugin's own keys
+    names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)]
+    assert launcher._target_ in names  # Hydra finds it (plugins live in hydra_plugins)
+
+
+# ---------------------------------------------------------------- a real cluster
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free (slurmctld and slurmd), away from a cluster already here."""
+    for port in range(16817, 17817, 2):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for slurmctld and slurmd")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A SLURM cluster for this module, started and stopped by scripts/local_slurm.sh."""
+    missing = [cmd for cmd in NEEDED if shutil.which(cmd) is None]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "slurmd must run as root to start jobs (scripts/local_slurm.sh start as root)"
+    elif missing:
+        reason = f"{', '.join(missing)} not found: apt-get install slurm-wlm munge (make test does, as root)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(folder), "LOCAL_SLURM_PORT": str(free_port_pair())}
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == f"export SLURM_CONF={folder}/slurm.conf"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(folder / "slurm.conf"))
+            yield folder
+    finally:
+        stopped = subprocess.run(
+            ["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def train(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A multirun of train.py, submitted from cwd; waits for its jobs."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env={**os.environ, "IS_DATA_DIR": str(cwd / "data")},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_ids(output: str) -> list[str]:
+    """The SLURM job ids the launcher printed, in job order ("#0 : ... : SLURM job 12_0")."""
+    return re.findall(r"#\d+ : .* : SLURM job (\S+)", output)
+
+
+def final_state(job_id: str) -> str:
+    """The controller's own record of how a job ended (it keeps it for MinJobAge, 300 s).
+    A job has written its results a moment before its processes have exited."""
+    for _ in range(100):
+        out = subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True
+        ).stdout
+        state = re.search(r"JobState=(\S+)", out).group(1)
+        if state not in ("RUNNING", "COMPLETING"):
+            return state
+        time.sleep(0.2)
+    return state
+
+
+@pytest.mark.slow
+def test_local_cluster_script_is_idempotent_and_reports_status(cluster):
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(cluster)}
+    again = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already running" in again.stderr
+    status = subprocess.run(
+        ["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True
+    )
+    assert status.returncode == 0
+    for daemon in ("munged", "slurmctld", "slurmd"):
+        assert f"{daemon} runs (pid" in status.stderr
+    conf = (cluster / "slurm.conf").read_text()
+    for line in ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none"):
+        assert line in conf
+    node = subprocess.run(
+        ["scontrol", "show", "node"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"CPUTot={os.cpu_count()}" in node  # this machine's cores
+
+
+@pytest.fixture(scope="module")
+def sweep(cluster, tmp_path_factory):
+    """The README's sweep on the local cluster: 2 samplers x 1 seed, 3 s of training each."""
+    tmp = tmp_path_factory.mktemp("slurm_sweep")
+    proc = train(
+        *readme_command(),
+        "trainer.progress=false",
+        "hydra.launcher.timeout_min=5",
+        'hydra.launcher.setup=["echo setup ran on $(hostname)"]',
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / "sweep", proc
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_through_slurm(sweep):
+    sweep_dir, proc = sweep
+    args = readme_command()
+    assert "hydra/launcher=slurm" in args and "sampler=uniform,upper_bound" in args
+    ids = job_ids(proc.stderr + proc.stdout)
+    assert len(ids) == 2
+    for job_id, name in zip(ids, ["uniform_seed0_0", "upper_bound_seed0_1"], strict=True):
+        run = sweep_dir / name
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["train_time"] >= 3
+        assert len(pd.read_csv(run / "metrics.csv")) >= 3
+        # SLURM ran it: the controller's record, and submitit's log of that job on the node
+        assert final_state(job_id) == "COMPLETED"
+        log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
+        assert f"JobEnvironment(job_id={job_id}," in log
+        assert f"setup ran on {socket.gethostname()}" in log  # hydra.launcher.setup, before srun
+        assert f"results in {run}" in log  # train.py's summary line, printed in the job
+        array = job_id.split("_")[0]
+        submission = sweep_dir / ".submitit" / array / f"{array}_submission.sh"
+        assert "#SBATCH --partition=local" in submission.read_text()
+
+
+@pytest.mark.slow
+def test_a_cluster_without_accounting_gives_a_clean_output(sweep):
+    _, proc = sweep
+    output = proc.stdout + proc.stderr
+    # submitit_slurm polls sacct, which fails here: one warning and one sacct line per poll
+    assert "sacct" not in output and "accounting storage is disabled" not in output
+    assert "WARNING" not in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_aggregation_script_reads_the_slurm_sweep(sweep, tmp_path):
+    sweep_dir, _ = sweep
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "aggregate.py"),
+            str(sweep_dir),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert runs["run"].nunique() == 2 and set(runs["sampler"]) == {"uniform", "upper_bound"}
+    assert (tmp_path / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_reported_with_its_log_and_error_line(cluster, tmp_path):
+    """A bad option makes train.py exit 1 in the job, without a result: submitit_slurm would wait
+    for it forever on this cluster (no sacct to say it failed)."""
+    start = time.time()
+    proc = train(
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=local",
+        "sampler=uniform",
+        "sampler.batch_size=-3,32",
+        "threads=1",
+        "trainer.time_budget=null",
+        "trainer.max_steps=20",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert proc.returncode == 1
+    bad, good = job_ids(proc.stderr + proc.stdout)
+    error = "error: sampler: sampler.batch_size must be >= 1, got -3"
+    assert f"error: 1 of 2 SLURM jobs failed (runs in {tmp_path / 'sweep'}):" in proc.stderr
+    assert f"#0 SLURM job {bad} FAILED (sampler=uniform sampler.batch_size=-3" in proc.stderr
+    assert f"\n    {error}\n" in proc.stderr
+    log = Path(re.search(r"log: (\S+)", proc.stderr).group(1))
+    assert log == tmp_path / "sweep" / ".submitit" / bad / f"{bad}_0_log.err"
+    assert error in log.read_text()
+    assert "Traceback" not in proc.stderr and "JobError" not in proc.stderr  # submitit's
+    assert final_state(bad) == "FAILED" and final_state(good) == "COMPLETED"
+    summary = json.loads((tmp_path / "sweep" / "uniform_seed0_1" / "summary.json").read_text())
+    assert summary["status"] == "completed"  # the other job is unaffected
+    assert time.time() - start < 120
+
+
+# ---------------------------------------------------------------- interrupted jobs resume
+RESUMABLE = [
+    "-m",
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=local",
+    "sampler=upper_bound",
+    "threads=1",
+    "trainer.time_budget=12",
+    "trainer.eval_every_seconds=0.5",
+    "trainer.checkpoint_every=0.5",
+    "trainer.progress=false",
+]
+
+
+def start_and_wait_for_a_checkpoint(sweep_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Submit a resumable 1-job multirun; return once its run has a checkpoint past 1 s."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *RESUMABLE,
+            f"hydra.sweep.dir={sweep_dir}",
+            *extra,
+        ],
+        cwd=sweep_dir.parent,
+        env={**os.environ, "IS_DATA_DIR": str(sweep_dir.parent / "data")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = sweep_dir / "upper_bound_seed0_0"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoint.pt").exists() and len(read_rows(run)) >= 4:  # train_time >= 1.5 s
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    return proc, job_id
+
+
+def read_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint_rows(run: Path) -> list[dict]:
+    from importance_sampling.trainer import load_checkpoint
+
+    return load_checkpoint(run / "checkpoint.pt")["rows"]
+
+
+def assert_continues_from(run: Path, saved: list[dict]) -> None:
+    """The run's metrics start with the checkpoint's rows, to the last digit of their timings
+    (a run started again would not reproduce them), and go on from there to the budget."""
+    rows = read_rows(run)
+    assert len(rows) > len(saved)
+    for row, kept in zip(rows, saved, strict=False):
+        assert int(row["step"]) == kept["step"]
+        assert float(row["train_time"]) == kept["train_time"]
+        assert float(row["wall_time"]) == kept["wall_time"]
+    after = rows[len(saved)]
+    assert int(after["step"]) > saved[-1]["step"]
+    assert float(after["train_time"]) > saved[-1]["train_time"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train_time"] >= 12
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc, job_id = start_and_wait_for_a_checkpoint(sweep_dir)
+    subprocess.run(["scancel", job_id], check=True)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert f"#0 SLURM job {job_id} CANCELLED" in stderr
+    assert "CANCELLED AT" in stderr  # SLURM's notice, from the job's log
+    assert f"trainer.resume=true hydra.sweep.dir={sweep_dir}" in stderr
+    run = sweep_dir / "upper_bound_seed0_0"
+    saved = checkpoint_rows(run)  # the job is gone: this is where it stopped
+    assert saved[-1]["train_time"] < 12
+
+    resumed = train(*RESUMABLE, f"hydra.sweep.dir={sweep_dir}", "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_continues_from(run, saved)
+
+
+@pytest.mark.slow
+def test_a_preempted_job_requeues_itself_and_resumes_from_its_checkpoint(cluster, tmp_path):
+    """SIGUSR2 is submitit's signal for preemption and for a time limit near (hydra.launcher.
+    signal_delay_s before it): the job requeues itself, with trainer.resume=true."""
+    sweep_dir = tmp_path / "sweep"
+    proc, job_id = start_and_wait_for_a_checkpoint(sweep_dir)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # requeued: back to PENDING once its processes are gone
+        squeue = subprocess.run(
+            ["squeue", "--noheader", f"--jobs={job_id}", "--format=%T %r"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if squeue == ["PENDING", "BeginTime"]:
+            break
+        time.sleep(0.2)
+    assert squeue == ["PENDING", "BeginTime"]
+    run = sweep_dir / "upper_bound_seed0_0"
+    saved = checkpoint_rows(run)
+    # SLURM holds a requeued job for cred_expire (15 s here, 120 s by default), then runs it
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
+    assert "this job is preempted" in log and f"Requeued job {job_id}" in log
+    assert_continues_from(run, saved)
