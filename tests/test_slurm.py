@@ -41,10 +41,10 @@ def test_error_line_finds_what_went_wrong_in_a_job_log(tmp_path):
 
     log = tmp_path / "log.err"
     log.write_text(
-        "error: sampler: sampler.batch_size must be >= 1, got -3\n"
+        "error: sampler: sampler.batch_size must be an integer >= 1, got -3\n"
         "srun: error: node1: task 0: Exited with exit code 1\n"
     )
-    assert error_line(log) == "error: sampler: sampler.batch_size must be >= 1, got -3"
+    assert error_line(log) == "error: sampler: sampler.batch_size must be an integer >= 1, got -3"
     log.write_text(
         "submitit WARNING - Bypassing signal SIGTERM\n"
         "slurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T00:00:00 ***\n"
@@ -290,7 +290,7 @@ def test_a_failing_job_is_reported_with_its_log_and_error_line(cluster, tmp_path
     )
     assert proc.returncode == 1
     bad, good = job_ids(proc.stderr + proc.stdout)
-    error = "error: sampler: sampler.batch_size must be >= 1, got -3"
+    error = "error: sampler: sampler.batch_size must be an integer >= 1, got -3"
     assert f"error: 1 of 2 SLURM jobs failed (runs in {tmp_path / 'sweep'}):" in proc.stderr
     assert f"#0 SLURM job {bad} FAILED (sampler=uniform sampler.batch_size=-3" in proc.stderr
     assert f"\n    {error}\n" in proc.stderr
