@@ -1,0 +1,598 @@
+"""Exact per-sample gradient norms from one ordinary forward + backward pass (module hooks).
+
+For sample i of a batch, the gradient of its loss L_i with respect to a layer's weight is a sum
+over the positions t where the weight is applied (time steps, pixels, tokens, calls) of an outer
+product of that layer's input a_it and the gradient delta_it = dL/d(output_it):
+
+    dL_i/dW = sum_t delta_it a_it^T,   ||dL_i/dW||^2 = sum_{t,s} (a_it . a_is)(delta_it . delta_is).
+
+A forward hook keeps each parametrised layer's input, a tensor hook on its output receives
+delta from the ordinary backward pass over the batch, and the closed forms below turn (a, delta)
+into ||dL_i/dW||^2 without forming per-sample gradients where that is cheaper (the Gram form
+above costs T^2 (p + q) per sample against T p q for the materialised p x q gradient: the cheaper
+is chosen per layer). Closed forms: Linear (any leading dims), Conv1d/Conv2d (unfolded patches;
+stride, padding, dilation, groups, padding modes), BatchNorm, LayerNorm, GroupNorm, Embedding,
+nn.LSTM (the gate gradients come from one extra pass of the fused LSTM kernel, see ``_lstm``).
+Any other module that owns trainable parameters falls back to torch.func for that module only
+(vmap of a per-sample vector-Jacobian product), with one warning naming its type.
+
+Exactness needs what any per-sample gradient needs: sample i's output depends on sample i only.
+A BatchNorm in train mode mixes the samples of the batch; there the result is the squared norm
+of the part of the batch gradient that flows through sample i's own activations (these parts
+sum to the batch gradient), which is not ||grad L_i|| (score BatchNorm networks in eval mode).
+Parameters must be used through their module's forward (a weight read directly elsewhere, e.g.
+``x @ emb.weight.T``, is not seen); a parameter shared by several modules or a module called
+several times is exact (its per-sample gradients are summed over the uses before the norm).
+Frozen parameters (requires_grad=False) are excluded.
+
+Two entry points:
+
+- ``gradient_norm_scores(model, inputs, targets, loss_fn, chunk_size)`` -> (n,): the exact
+  ||grad_theta L_i||_2 over all trainable parameters, chunk by chunk (one forward + one backward
+  per chunk, no parameter .grad touched, autocast off, in the model's dtype);
+- ``GradNormRecorder(model)``: a context manager around the forward of the caller's own step;
+  after the caller's ``loss.backward()``, ``squared_norms()`` (n,) is each sample's squared norm
+  of its contribution to that backward. For loss = mean_i w_i L_i over n samples this is
+  (w_i / n)^2 ||grad L_i||^2. Hooks are registered only inside the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ------------------------------------------------------------------ the Gram identity
+@dataclass
+class Factors:
+    """A per-sample gradient sum_t d_t a_t^T in factored form, for each of G groups.
+
+    a: (n, G, T, p) layer inputs at the T positions; d: (n, G, T, q) output gradients there;
+    shape: the parameter's shape (G q p elements, in the order (G, q, p))."""
+
+    a: Tensor
+    d: Tensor
+    shape: torch.Size
+
+    def sq_norm(self) -> Tensor:
+        """||sum_t d_t a_t^T||^2 summed over groups, shape (n,), by the cheaper of two forms."""
+        a, d = self.a, self.d
+        n, _, t, p = a.shape
+        q = d.shape[-1]
+        if t == 1:  # ||a d^T||^2 = ||a||^2 ||d||^2
+            return (a.pow(2).sum(-1) * d.pow(2).sum(-1)).flatten(1).sum(1)
+        if t * (p + q) < p * q:  # Gram: sum_{t,s} (a_t . a_s)(d_t . d_s)
+            return ((a @ a.mT) * (d @ d.mT)).flatten(1).sum(1)
+        return (d.mT @ a).pow(2).flatten(1).sum(1)
+
+    def materialise(self) -> Tensor:
+        """The per-sample gradients, shape (n, *shape)."""
+        return (self.d.mT @ self.a).reshape(len(self.a), *self.shape)
+
+
+# parameter name -> per-sample gradients (n, *shape), or a factored form of them (Factors,
+# RowSums: both have sq_norm() (n,) and materialise() (n, *shape))
+PerSample = dict[str, "Tensor | Factors | RowSums"]
+
+
+def _sq_norm(g) -> Tensor:
+    return g.pow(2).flatten(1).sum(1) if isinstance(g, Tensor) else g.sq_norm()
+
+
+def _materialise(g) -> Tensor:
+    return g if isinstance(g, Tensor) else g.materialise()
+
+
+# ------------------------------------------------------------------ closed forms, per layer
+# Each takes (module, args, kwargs, output grads (flat, None where unused), trainable names,
+# compute dtype) and returns {trainable name: per-sample gradient (n, *shape) or Factors}.
+
+
+def _linear(m: nn.Linear, args, kwargs, grads, names, dtype) -> PerSample:
+    (x,), (d,) = args, grads
+    n = len(x)
+    a = x.to(dtype).reshape(n, 1, -1, m.in_features)  # weight shared over the middle dims
+    d = d.to(dtype).reshape(n, 1, -1, m.out_features)
+    out: PerSample = {}
+    if "weight" in names:
+        out["weight"] = Factors(a, d, m.weight.shape)
+    if "bias" in names:
+        out["bias"] = d.sum((1, 2))
+    return out
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, args, kwargs, grads, names, dtype) -> PerSample:
+    (x,), (d,) = args, grads
+    x, d = x.to(dtype), d.to(dtype)
+    kernel, stride, dilation, padding = m.kernel_size, m.stride, m.dilation, m.padding
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        # 'same' / 'valid' and reflect / replicate / circular: pad as the module does, then none
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(kernel)
+    if x.dim() == 3:  # Conv1d as a Conv2d of height 1 (unfold is 2-d only)
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+        kernel, stride, dilation, padding = ((1, *v) for v in (kernel, stride, dilation, padding))
+    n, g = len(x), m.groups
+    patches = F.unfold(x, kernel, dilation, padding, stride)  # (n, C_in k_h k_w, T)
+    a = patches.reshape(n, g, -1, patches.shape[-1]).mT  # (n, G, T, C_in/G k_h k_w)
+    d = d.reshape(n, g, m.out_channels // g, -1).mT  # (n, G, T, C_out/G)
+    out: PerSample = {}
+    if "weight" in names:
+        out["weight"] = Factors(a, d, m.weight.shape)
+    if "bias" in names:
+        out["bias"] = d.sum(2).reshape(n, -1)
+    return out
+
+
+def _affine(x_hat: Tensor, d: Tensor, names, reduce: Sequence[int], shape) -> PerSample:
+    """Per-sample grads of an elementwise affine map y = weight * x_hat + bias."""
+    out: PerSample = {}
+    if "weight" in names:
+        out["weight"] = (d * x_hat).sum(reduce).reshape(len(d), *shape) if reduce else d * x_hat
+    if "bias" in names:
+        out["bias"] = d.sum(reduce).reshape(len(d), *shape) if reduce else d
+    return out
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm, args, kwargs, grads, names, dtype):
+    (x,), (d,) = args, grads
+    x, d = x.to(dtype), d.to(dtype)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if m.training or m.running_mean is None:  # batch statistics (biased variance), as F.batch_norm
+        mean, var = x.mean(dims), x.var(dims, correction=0)
+    else:
+        mean, var = m.running_mean.to(dtype), m.running_var.to(dtype)
+    x_hat = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+    return _affine(x_hat, d, names, list(range(2, x.dim())), [m.num_features])
+
+
+def _layer_norm(m: nn.LayerNorm, args, kwargs, grads, names, dtype):
+    (x,), (d,) = args, grads
+    x, d = x.to(dtype), d.to(dtype)
+    k = len(m.normalized_shape)
+    dims = list(range(x.dim() - k, x.dim()))
+    x_hat = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(
+        x.var(dims, correction=0, keepdim=True) + m.eps
+    )
+    return _affine(x_hat, d, names, list(range(1, x.dim() - k)), m.normalized_shape)
+
+
+def _group_norm(m: nn.GroupNorm, args, kwargs, grads, names, dtype):
+    (x,), (d,) = args, grads
+    x, d = x.to(dtype), d.to(dtype)
+    grouped = x.reshape(len(x), m.num_groups, -1)
+    x_hat = (grouped - grouped.mean(2, keepdim=True)) * torch.rsqrt(
+        grouped.var(2, correction=0, keepdim=True) + m.eps
+    )
+    return _affine(x_hat.reshape(x.shape), d, names, list(range(2, x.dim())), [m.num_channels])
+
+
+@dataclass
+class RowSums:
+    """An embedding's per-sample gradients: row ``rows[k] % V`` of sample ``rows[k] // V`` holds
+    ``sums[k]`` (the sum of the output gradients of that sample's tokens equal to that row)."""
+
+    rows: Tensor  # (K,) sample * V + row, each (sample, row) used once
+    sums: Tensor  # (K, D)
+    n: int
+    shape: torch.Size  # (V, D)
+
+    def sq_norm(self) -> Tensor:
+        v = self.shape[0]
+        return self.sums.new_zeros(self.n).index_add_(0, self.rows // v, self.sums.pow(2).sum(1))
+
+    def materialise(self) -> Tensor:
+        flat = self.sums.new_zeros(self.n * self.shape[0], self.shape[1])
+        return flat.index_copy_(0, self.rows, self.sums).reshape(self.n, *self.shape)
+
+
+def _embedding(m: nn.Embedding, args, kwargs, grads, names, dtype) -> PerSample:
+    """The per-sample gradient puts sum_{t: idx_t = v} delta_t in row v: group equal indices."""
+    (idx,), (d,) = args, grads
+    n, dim = len(idx), m.embedding_dim
+    idx, d = idx.reshape(n, -1), d.to(dtype).reshape(n, -1, dim)
+    keys = torch.arange(n, device=idx.device).unsqueeze(1) * m.num_embeddings + idx
+    if m.padding_idx is not None:  # the padding row gets no gradient
+        keep = idx != m.padding_idx
+        keys, d = keys[keep], d[keep]
+    else:
+        keys, d = keys.reshape(-1), d.reshape(-1, dim)
+    rows, inverse = torch.unique(keys, return_inverse=True)
+    sums = d.new_zeros(len(rows), dim).index_add_(0, inverse, d)
+    return {"weight": RowSums(rows, sums, n, m.weight.shape)}
+
+
+def _lstm(m: nn.LSTM, args, kwargs, grads, names, dtype) -> PerSample:
+    """Exact per-sample LSTM gradients from the gate pre-activation gradients dz_t (n, T, 4H).
+
+    With z_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh, dL_i/dW_ih = sum_t dz_t x_t^T, dL_i/dW_hh =
+    sum_t dz_t h_{t-1}^T and both biases get sum_t dz_t. The fused kernel does not expose dz, so
+    each layer is run once more with 4H extra inputs fixed at 0 and an identity block appended to
+    W_ih: the outputs are unchanged and the gradient with respect to those inputs is dz."""
+    x, hx = args[0], (args[1] if len(args) > 1 else kwargs.get("hx"))
+    d_out, d_h, d_c = grads
+    x = x.to(dtype)
+    if not m.batch_first:
+        x, d_out = x.transpose(0, 1), (None if d_out is None else d_out.transpose(0, 1))
+    n, t, hidden, layers = x.shape[0], x.shape[1], m.hidden_size, m.num_layers
+    h0, c0 = (x.new_zeros(layers, n, hidden),) * 2 if hx is None else (v.to(dtype) for v in hx)
+    with torch.enable_grad():
+        inputs, taps, outs, finals, cells = [], [], [], [], []
+        layer_in = x
+        for k in range(layers):
+            # a parameter-less shell: functional_call supplies every weight
+            width = (m.input_size if k == 0 else hidden) + 4 * hidden
+            cell = nn.LSTM(width, hidden, 1, m.bias, batch_first=True, device="meta")
+            w_ih = getattr(m, f"weight_ih_l{k}").detach().to(dtype)
+            cells.append((getattr(m, f"weight_ih_l{k}").shape, getattr(m, f"weight_hh_l{k}").shape))
+            eye = torch.eye(4 * hidden, dtype=dtype, device=x.device)
+            params = {"weight_ih_l0": torch.cat([w_ih, eye], 1)}
+            params["weight_hh_l0"] = getattr(m, f"weight_hh_l{k}").detach().to(dtype)
+            if m.bias:
+                params["bias_ih_l0"] = getattr(m, f"bias_ih_l{k}").detach().to(dtype)
+                params["bias_hh_l0"] = getattr(m, f"bias_hh_l{k}").detach().to(dtype)
+            tap = x.new_zeros(n, t, 4 * hidden, requires_grad=True)
+            state = (h0[k : k + 1].contiguous(), c0[k : k + 1].contiguous())
+            out, (h, c) = functional_call(cell, params, (torch.cat([layer_in, tap], 2), state))
+            inputs.append(layer_in.detach())
+            outs.append(out.detach())
+            taps.append(tap)
+            finals += [(h, d_h[k : k + 1] if d_h is not None else None)]
+            finals += [(c, d_c[k : k + 1] if d_c is not None else None)]
+            layer_in = out
+        pairs = [(out, d_out), *finals]
+        pairs = [(o, g.to(dtype)) for o, g in pairs if g is not None]
+        dz = torch.autograd.grad([o for o, _ in pairs], taps, [g for _, g in pairs])
+    per_sample: PerSample = {}
+    for k in range(layers):
+        h_prev = torch.cat([h0[k].unsqueeze(1), outs[k][:, :-1]], 1)  # (n, T, H)
+        dz_k = dz[k].unsqueeze(1)  # (n, 1, T, 4H)
+        grads_k = {
+            f"weight_ih_l{k}": Factors(inputs[k].unsqueeze(1), dz_k, cells[k][0]),
+            f"weight_hh_l{k}": Factors(h_prev.unsqueeze(1), dz_k, cells[k][1]),
+            f"bias_ih_l{k}": dz[k].sum(1),
+            f"bias_hh_l{k}": dz[k].sum(1),
+        }
+        per_sample.update({key: v for key, v in grads_k.items() if key in names})
+    return per_sample
+
+
+def _lstm_supported(m: nn.Module) -> bool:
+    return (
+        type(m) is nn.LSTM
+        and not m.bidirectional
+        and m.proj_size == 0
+        and not (m.training and m.dropout > 0 and m.num_layers > 1)
+    )
+
+
+CLOSED_FORMS: dict[type, Callable] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.BatchNorm3d: _batch_norm,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.Embedding: _embedding,
+    nn.LSTM: _lstm,
+}
+
+
+def closed_form(m: nn.Module) -> Callable | None:
+    """The closed form for module ``m``, or None (torch.func fallback)."""
+    if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.sparse):
+        return None  # scale_grad_by_freq rescales by counts over the whole batch
+    if isinstance(m, nn.LSTM):
+        return _lstm if _lstm_supported(m) else None
+    return CLOSED_FORMS.get(type(m))
+
+
+# ------------------------------------------------------------------ the fallback: torch.func
+def _vmap_fallback(m: nn.Module, args, kwargs, grads, names, dtype) -> PerSample:
+    """Per sample i: the gradient of <m(inputs_i), delta_i> with respect to m's own trainable
+    parameters, by vmap of grad over a functional call of m alone. Tensors whose first dim is
+    the batch are split; other inputs are shared. (nn.LSTM with batch_first=False: dim 1.)"""
+    batch_dim = 1 if isinstance(m, nn.RNNBase) and not m.batch_first else 0
+    flat_args, spec = tree_flatten((args, kwargs))
+    n = next(a.shape[batch_dim] for a in flat_args if isinstance(a, Tensor) and a.dim() > 0)
+
+    def split(v):
+        if isinstance(v, Tensor) and v.dim() > batch_dim and v.shape[batch_dim] == n:
+            return batch_dim
+        return None
+
+    dims = [split(a) for a in flat_args]
+    flat_args = [
+        a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in flat_args
+    ]
+    params = {k: p.detach().to(dtype) for k, p in m.named_parameters(recurse=False) if k in names}
+    grad_dims = [None if g is None else split(g) for g in grads]
+    grads = [None if g is None else g.to(dtype) for g in grads]
+
+    def inner(p, flat, ds):
+        # each split tensor arrives without its batch dim: put back a batch of one
+        flat = [
+            a if dim is None else a.unsqueeze(batch_dim) for a, dim in zip(flat, dims, strict=True)
+        ]
+        a, kw = spec.unflatten(flat)
+        outs, _ = tree_flatten(functional_call(m, p, tuple(a), kw, strict=False))
+        total = 0.0
+        for o, dl, dim in zip(outs, ds, grad_dims, strict=True):
+            if dl is not None:
+                total = total + (o * (dl if dim is None else dl.unsqueeze(batch_dim))).sum()
+        return total
+
+    per_sample = vmap(grad(inner), in_dims=(None, dims, grad_dims))(params, flat_args, grads)
+    return dict(per_sample)
+
+
+# ------------------------------------------------------------------ the recorder
+@dataclass
+class _Call:
+    """One forward call of a recorded module: its inputs and, filled by the backward, the
+    gradients of its (flattened) outputs."""
+
+    layer: _Layer
+    args: tuple
+    kwargs: dict
+    versions: list
+    outputs: list  # (shape, dtype, device) of each output leaf, None for a non-tensor leaf
+    grads: list
+    pending: int
+    inputs_needing_grad: list  # the float inputs that require grad (see grad_targets)
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    names: list[str]  # its trainable parameters (of its own)
+    params: list[nn.Parameter]
+    form: Callable | None
+    calls: list[_Call] = field(default_factory=list)
+
+
+class GradNormRecorder:
+    """Per-sample squared gradient norms from the caller's own backward pass (entry point b).
+
+    Usage (one forward, one backward per ``with``)::
+
+        recorder = GradNormRecorder(model)
+        with recorder:
+            losses = loss_fn(model(x), y)          # (n,)
+        (w * losses).mean().backward()             # the ordinary step
+        sq = recorder.squared_norms()              # (n,): (w_i / n)^2 ||grad L_i||^2
+
+    Module hooks exist only inside the ``with`` block (nothing is left registered, so a model
+    outside it runs at full speed); the tensor hooks they put on the outputs live and die with
+    that forward's graph. Use the module the forward actually runs: for a ``torch.compile``'d
+    model, run the step's forward through ``model._orig_mod`` (the compiled graph does not
+    hand out per-layer activations). The norms are in the parameters' dtype; under autocast the
+    layers' bf16 activations and gradients are cast up before the norms are taken.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = getattr(model, "_orig_mod", model)
+        self.layers: list[_Layer] = []
+        for name, m in self.model.named_modules():
+            own = [(k, p) for k, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if own:
+                form = closed_form(m)
+                names, params = [k for k, _ in own], [p for _, p in own]
+                self.layers.append(_Layer(name, m, names, params, form))
+        unknown = sorted({type(layer.module).__name__ for layer in self.layers if not layer.form})
+        if unknown:
+            warnings.warn(
+                f"grad_norms: no closed form for {', '.join(unknown)}: their per-sample gradients "
+                "are computed with torch.func (vmap, exact but slower)",
+                stacklevel=2,
+            )
+        self._handles: list = []
+        self._total: Tensor | None = None
+        self._open = False
+        self._busy = False  # inside a fallback's functional call: do not record
+        self._uses: dict[int, int] | None = None  # id(param) -> calls using it
+
+    # -------------------------------------------------------------- forward side
+    def __enter__(self) -> GradNormRecorder:
+        self.reset()
+        for layer in self.layers:
+            hook = self._forward_hook(layer)
+            self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        """Forget what was recorded (the next forward starts a new measurement)."""
+        for layer in self.layers:
+            layer.calls = []
+        self._total, self._open, self._uses = None, True, None
+
+    def _forward_hook(self, layer: _Layer):
+        def hook(module, args, kwargs, output):
+            if self._busy or not torch.is_grad_enabled():
+                return
+            leaves, _ = tree_flatten(output)
+            tracked = [o if isinstance(o, Tensor) and o.requires_grad else None for o in leaves]
+            if not any(o is not None for o in tracked):
+                return
+            flat, _ = tree_flatten((args, kwargs))
+            call = _Call(
+                layer=layer,
+                args=tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
+                kwargs={k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()},
+                versions=[a._version for a in flat if isinstance(a, Tensor)],
+                outputs=[None if o is None else (o.shape, o.dtype, o.device) for o in tracked],
+                grads=[None] * len(tracked),
+                pending=sum(o is not None for o in tracked),
+                inputs_needing_grad=[a for a in flat if isinstance(a, Tensor) and a.requires_grad],
+            )
+            layer.calls.append(call)
+            for k, o in enumerate(tracked):
+                if o is not None:
+                    o.register_hook(self._backward_hook(call, k))
+
+        return hook
+
+    # -------------------------------------------------------------- backward side
+    def _backward_hook(self, call: _Call, k: int):
+        def hook(g: Tensor) -> None:
+            if not self._open or call.grads[k] is not None:
+                return
+            call.grads[k] = g.detach()
+            call.pending -= 1
+            # A single-output, single-use layer is done now: reduce it and free its tensors.
+            if call.pending == 0 and len(call.grads) == 1 and call.layer.form is not None:
+                if self._single_use(call.layer):
+                    with torch.no_grad():
+                        self._add(self._compute(call))
+                    call.layer.calls.remove(call)
+
+        return hook
+
+    def _single_use(self, layer: _Layer) -> bool:
+        """Whether each of the layer's parameters is used by exactly this one call."""
+        if self._uses is None:
+            self._uses = {}
+            for other in self.layers:
+                for p in other.params:
+                    self._uses[id(p)] = self._uses.get(id(p), 0) + len(other.calls)
+        return all(self._uses[id(p)] == 1 for p in layer.params)
+
+    def _compute(self, call: _Call) -> PerSample:
+        layer = call.layer
+        versions = [
+            a._version for a in tree_flatten((call.args, call.kwargs))[0] if isinstance(a, Tensor)
+        ]
+        if versions != call.versions:
+            raise RuntimeError(
+                f"grad_norms: an input of {layer.name or 'the model'} "
+                f"({type(layer.module).__name__}) was modified in place after its forward"
+            )
+        grads = [
+            g if g is not None or o is None else torch.zeros(o[0], dtype=o[1], device=o[2])
+            for g, o in zip(call.grads, call.outputs, strict=True)
+        ]
+        dtype, device = layer.params[0].dtype, layer.params[0].device
+        form = layer.form or _vmap_fallback
+        self._busy = True
+        try:  # exact norms of what the step computed: no autocast here (a CPU backward may run
+            # inside the caller's autocast block)
+            with torch.autocast(device.type, enabled=False):
+                return form(layer.module, call.args, call.kwargs, grads, layer.names, dtype)
+        finally:
+            self._busy = False
+
+    def _add(self, per_sample: PerSample) -> None:
+        for g in per_sample.values():
+            self._accumulate(_sq_norm(g))
+
+    def _accumulate(self, sq: Tensor) -> None:
+        if self._total is None:
+            self._total = sq
+        elif len(sq) != len(self._total):
+            raise RuntimeError(
+                f"grad_norms: layers saw batches of {len(self._total)} and {len(sq)} samples: "
+                "every layer must have the batch on dim 0 (nn.LSTM: as its batch_first says)"
+            )
+        else:
+            self._total = self._total + sq
+
+    def squared_norms(self) -> Tensor:
+        """(n,) squared norms of each sample's contribution to the recorded backward, over all
+        trainable parameters. Call once, after the backward; later backward passes through the
+        same graph are ignored."""
+        with torch.no_grad():
+            shared: dict[int, Tensor] = {}  # id(param) -> summed per-sample gradients
+            for layer in self.layers:
+                calls = [
+                    c for c in layer.calls if c.pending < sum(o is not None for o in c.outputs)
+                ]
+                if not calls:
+                    continue
+                if self._single_use(layer) and len(calls) == 1:
+                    self._add(self._compute(calls[0]))
+                    continue
+                for call in calls:  # exact for shared weights: sum the uses, then the norm
+                    for name, g in self._compute(call).items():
+                        p = layer.params[layer.names.index(name)]
+                        g = _materialise(g)
+                        shared[id(p)] = shared[id(p)] + g if id(p) in shared else g
+            for g in shared.values():
+                self._accumulate(g.pow(2).flatten(1).sum(1))
+            for layer in self.layers:
+                layer.calls = []
+        self._open = False
+        if self._total is None:
+            raise RuntimeError(
+                "grad_norms: nothing was recorded: run the forward inside the recorder and a "
+                "backward through its outputs before squared_norms()"
+            )
+        return self._total
+
+    def grad_targets(self) -> list[Tensor]:
+        """Tensors whose gradients make a backward pass reach every recorded layer without
+        computing parameter gradients (the float inputs of each layer that require grad; a
+        layer with none, e.g. the first one, gives its own trainable parameters)."""
+        targets, seen = [], set()
+        for layer in self.layers:
+            for call in layer.calls:
+                for t in call.inputs_needing_grad or layer.params:
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        targets.append(t)
+        return targets
+
+
+# ------------------------------------------------------------------ entry point (a): scores
+def gradient_norm_scores(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Exact ||grad_theta L_i||_2 over all trainable parameters, shape (n,), from one forward and
+    one backward per chunk of ``chunk_size`` samples (memory: one chunk's activations and their
+    gradients). No parameter's .grad is touched; the backward computes no parameter gradient
+    except for layers that see the raw input. Computed in the model's dtype with autocast off
+    (this is the exact oracle); a ``torch.compile``'d model is scored through its original
+    module. Call it with the model in eval mode if it has BatchNorm (see the module docstring)."""
+    model = getattr(model, "_orig_mod", model)
+    recorder = GradNormRecorder(model)
+    if not recorder.layers:
+        return torch.zeros(len(inputs), device=inputs.device)
+    dtype = recorder.layers[0].params[0].dtype
+    norms = []
+    no_autocast = torch.autocast(inputs.device.type, enabled=False)
+    with torch.enable_grad(), torch.inference_mode(False), no_autocast:
+        for start in range(0, len(inputs), chunk_size):
+            x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
+            x = x.to(dtype) if x.is_floating_point() else x
+            x = x.clone() if x.is_inference() else x
+            y = y.clone() if y.is_inference() else y
+            with recorder:
+                loss = loss_fn(model(x), y).sum()
+            torch.autograd.grad(loss, recorder.grad_targets(), allow_unused=True)
+            norms.append(recorder.squared_norms())
+    return torch.cat(norms).sqrt()
+
+
+__all__ = ["Factors", "GradNormRecorder", "RowSums", "closed_form", "gradient_norm_scores"]
