@@ -641,7 +641,8 @@ class GradNormRecorder:
         if self._total is None:
             raise RuntimeError(
                 "grad_norms: nothing was recorded: run the forward inside the recorder and a "
-                "backward through its outputs before squared_norms()"
+                "backward through its outputs before squared_norms() (a torch.compile'd model "
+                "ignores the hooks: run its forward as model._orig_mod inside the recorder)"
             )
         return self._total
 
