@@ -172,7 +172,8 @@ def _conv(m: nn.Conv1d | nn.Conv2d, args, kwargs, grads, names, dtype) -> PerSam
     kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
     if x.dim() == 3:  # Conv1d as a Conv2d of height 1
         x, d = x.unsqueeze(2), d.unsqueeze(2)
-        kernel, stride, dilation, padding = ((1, *v) for v in (kernel, stride, dilation, padding))
+        kernel, stride, dilation = ((1, *v) for v in (kernel, stride, dilation))
+        padding = (0, *padding)
     n, g = len(x), m.groups
     c, q = x.shape[1] // g, m.out_channels // g
     (ho, wo), (kh, kw), (sh, sw), (dh, dw) = d.shape[2:], kernel, stride, dilation
