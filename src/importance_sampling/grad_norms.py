@@ -85,7 +85,9 @@ PerSample = dict[str, "Tensor | Factors | ConvFactors | RowSums"]
 
 
 def _sq_norm(g) -> Tensor:
-    return g.pow(2).flatten(1).sum(1) if isinstance(g, Tensor) else g.sq_norm()
+    if isinstance(g, Tensor):
+        return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+    return g.sq_norm()
 
 
 def _materialise(g) -> Tensor:
@@ -309,59 +311,90 @@ def _embedding(m: nn.Embedding, args, kwargs, grads, names, dtype) -> PerSample:
     return {"weight": RowSums(rows, sums, n, m.weight.shape)}
 
 
-def _lstm(m: nn.LSTM, args, kwargs, grads, names, dtype) -> PerSample:
+def _lstm(m: nn.LSTM, args, kwargs, grads, names, dtype, output: Tensor) -> PerSample:
     """Exact per-sample LSTM gradients from the gate pre-activation gradients dz_t (n, T, 4H).
 
     With z_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh, dL_i/dW_ih = sum_t dz_t x_t^T, dL_i/dW_hh =
     sum_t dz_t h_{t-1}^T and both biases get sum_t dz_t. The fused kernel does not expose dz, so
-    each layer is run once more with 4H extra inputs fixed at 0 and an identity block appended to
-    W_ih: the outputs are unchanged and the gradient with respect to those inputs is dz."""
+    it is recomputed: the gates of all steps in two matmuls (h_{t-1} is the layer's output), the
+    cell states by their elementwise recurrence, and dz by the LSTM's backward recurrence written
+    out (per step: one (n, 4H) x (4H, H) matmul and a few elementwise products). Layers below the
+    top are rerun by the fused kernel for their outputs."""
     x, hx = args[0], (args[1] if len(args) > 1 else kwargs.get("hx"))
     d_out, d_h, d_c = grads
-    x = x.to(dtype)
+    x, d_out = x.to(dtype), d_out.to(dtype)
     if not m.batch_first:
-        x, d_out = x.transpose(0, 1), (None if d_out is None else d_out.transpose(0, 1))
-    n, t, hidden, layers = x.shape[0], x.shape[1], m.hidden_size, m.num_layers
-    h0, c0 = (x.new_zeros(layers, n, hidden),) * 2 if hx is None else (v.to(dtype) for v in hx)
-    with torch.enable_grad():
-        inputs, taps, outs, finals, cells = [], [], [], [], []
-        layer_in = x
-        for k in range(layers):
-            # a parameter-less shell: functional_call supplies every weight
-            width = (m.input_size if k == 0 else hidden) + 4 * hidden
-            cell = nn.LSTM(width, hidden, 1, m.bias, batch_first=True, device="meta")
-            w_ih = getattr(m, f"weight_ih_l{k}").detach().to(dtype)
-            cells.append((getattr(m, f"weight_ih_l{k}").shape, getattr(m, f"weight_hh_l{k}").shape))
-            eye = torch.eye(4 * hidden, dtype=dtype, device=x.device)
-            params = {"weight_ih_l0": torch.cat([w_ih, eye], 1)}
-            params["weight_hh_l0"] = getattr(m, f"weight_hh_l{k}").detach().to(dtype)
-            if m.bias:
-                params["bias_ih_l0"] = getattr(m, f"bias_ih_l{k}").detach().to(dtype)
-                params["bias_hh_l0"] = getattr(m, f"bias_hh_l{k}").detach().to(dtype)
-            tap = x.new_zeros(n, t, 4 * hidden, requires_grad=True)
-            state = (h0[k : k + 1].contiguous(), c0[k : k + 1].contiguous())
-            out, (h, c) = functional_call(cell, params, (torch.cat([layer_in, tap], 2), state))
-            inputs.append(layer_in.detach())
-            outs.append(out.detach())
-            taps.append(tap)
-            finals += [(h, d_h[k : k + 1] if d_h is not None else None)]
-            finals += [(c, d_c[k : k + 1] if d_c is not None else None)]
-            layer_in = out
-        pairs = [(out, d_out), *finals]
-        pairs = [(o, g.to(dtype)) for o, g in pairs if g is not None]
-        dz = torch.autograd.grad([o for o, _ in pairs], taps, [g for _, g in pairs])
+        x, d_out = x.transpose(0, 1), d_out.transpose(0, 1)
+    n, hidden, layers = x.shape[0], m.hidden_size, m.num_layers
+    zeros = x.new_zeros(layers, n, hidden)
+    h0, c0 = (zeros, zeros) if hx is None else (v.to(dtype) for v in hx)
+    d_h = zeros if d_h is None else d_h.to(dtype)
+    d_c = zeros if d_c is None else d_c.to(dtype)
+    weights = [
+        [getattr(m, f"{w}_l{k}", None) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        for k in range(layers)
+    ]
+    weights = [[None if w is None else w.detach().to(dtype) for w in ws] for ws in weights]
+    names_l0 = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    seqs = [x]  # each layer's input sequence (n, T, in_k), by the fused kernel, and the output
+    for k in range(layers - 1):
+        cell = nn.LSTM(seqs[-1].shape[-1], hidden, 1, m.bias, batch_first=True, device="meta")
+        params = {a: w for a, w in zip(names_l0, weights[k], strict=True) if w is not None}
+        state = (h0[k : k + 1].contiguous(), c0[k : k + 1].contiguous())
+        seqs.append(functional_call(cell, params, (seqs[-1], state))[0])
+    seqs.append(output.to(dtype) if m.batch_first else output.to(dtype).transpose(0, 1))
     per_sample: PerSample = {}
-    for k in range(layers):
-        h_prev = torch.cat([h0[k].unsqueeze(1), outs[k][:, :-1]], 1)  # (n, T, H)
-        dz_k = dz[k].unsqueeze(1)  # (n, 1, T, 4H)
+    for k in reversed(range(layers)):
+        w_ih, w_hh, b_ih, b_hh = weights[k]
+        h_prev = torch.cat([h0[k].unsqueeze(1), seqs[k + 1][:, :-1]], 1)  # (n, T, H)
+        dz = _lstm_gate_gradients(seqs[k], h_prev, c0[k], weights[k], d_out, d_h[k], d_c[k])
         grads_k = {
-            f"weight_ih_l{k}": Factors(inputs[k].unsqueeze(1), dz_k, cells[k][0]),
-            f"weight_hh_l{k}": Factors(h_prev.unsqueeze(1), dz_k, cells[k][1]),
-            f"bias_ih_l{k}": dz[k].sum(1),
-            f"bias_hh_l{k}": dz[k].sum(1),
+            f"weight_ih_l{k}": Factors(seqs[k].unsqueeze(1), dz.unsqueeze(1), w_ih.shape),
+            f"weight_hh_l{k}": Factors(h_prev.unsqueeze(1), dz.unsqueeze(1), w_hh.shape),
+            f"bias_ih_l{k}": dz.sum(1),
+            f"bias_hh_l{k}": dz.sum(1),
         }
         per_sample.update({key: v for key, v in grads_k.items() if key in names})
+        if k:
+            d_out = dz @ w_ih  # the gradient of the layer below's output sequence
     return per_sample
+
+
+def _lstm_gate_gradients(x, h_prev, c0, weights, d_out, d_hn, d_cn) -> Tensor:
+    """dz (n, T, 4H) of one LSTM layer (gates i, f, g, o; batch first) from its input x (n, T, in),
+    its previous hidden states h_prev (n, T, H), its first cell state c0 (n, H), the gradients of
+    its output sequence d_out (n, T, H) and of its final states d_hn, d_cn (n, H)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    n, t, hidden = *x.shape[:2], w_hh.shape[1]
+    # every step's gates at once: (n T, in) x (in, 4H) + (n T, H) x (H, 4H)
+    z = torch.addmm(x.reshape(n * t, -1) @ w_ih.T, h_prev.reshape(n * t, -1), w_hh.T)
+    if b_ih is not None:
+        z += b_ih + b_hh
+    gates = torch.sigmoid(z).view(n, t, 4 * hidden)
+    gates[..., 2 * hidden : 3 * hidden] = torch.tanh(
+        z.view(n, t, 4 * hidden)[..., 2 * hidden : 3 * hidden]
+    )
+    i, f, g, o = gates.chunk(4, 2)
+    update, c, cells = i * g, c0, []
+    for step in range(t):  # c_t = f_t c_{t-1} + i_t g_t
+        c = torch.addcmul(update[:, step], f[:, step], c)
+        cells.append(c)
+    cell = torch.stack(cells, 1)
+    c_prev = torch.cat([c0.unsqueeze(1), cell[:, :-1]], 1)
+    tanh_c = torch.tanh(cell)
+    # dz_t = [dc coef_i, dc coef_f, dc coef_g, dh coef_o], and dc_t gets dh_t o_t (1 - tanh(c_t)^2)
+    coef = torch.cat(
+        [g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 2
+    )
+    dc_from_dh = o * (1 - tanh_c * tanh_c)
+    dh, dc, dzs = d_hn + d_out[:, t - 1], d_cn, [None] * t
+    for step in reversed(range(t)):
+        dc = torch.addcmul(dc, dh, dc_from_dh[:, step])
+        dzs[step] = dz = torch.cat([dc, dc, dc, dh], 1) * coef[:, step]
+        if step:
+            dh = torch.addmm(d_out[:, step - 1], dz, w_hh)  # through h_{t-1}, plus the output's
+            dc = dc * f[:, step]  # through c_{t-1}
+    return torch.stack(dzs, 1)
 
 
 def _lstm_supported(m: nn.Module) -> bool:
@@ -449,6 +482,7 @@ class _Call:
     grads: list
     pending: int
     roots: list | None  # [(output, its version)] when no input has a graph (see grad_targets)
+    kept: Tensor | None = None  # the output sequence, for nn.LSTM
 
 
 @dataclass
@@ -540,6 +574,8 @@ class GradNormRecorder:
                 pending=sum(o is not None for o in tracked),
                 roots=None,
             )
+            if layer.form is _lstm:  # its closed form reuses the output sequence
+                call.kept = leaves[0].detach()
             if not any(isinstance(a, Tensor) and a.grad_fn is not None for a in flat):
                 call.roots = [(o, o._version) for o in tracked if o is not None]
             layer.calls.append(call)
@@ -595,7 +631,8 @@ class GradNormRecorder:
         try:  # exact norms of what the step computed: no autocast here (a CPU backward may run
             # inside the caller's autocast block)
             with torch.autocast(device.type, enabled=False):
-                return form(layer.module, call.args, call.kwargs, grads, layer.names, dtype)
+                extra = (call.kept,) if form is _lstm else ()
+                return form(layer.module, call.args, call.kwargs, grads, layer.names, dtype, *extra)
         finally:
             self._busy = False
 
