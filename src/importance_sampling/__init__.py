@@ -1,11 +1,13 @@
 """Deep learning with importance sampling (Katharopoulos & Fleuret, ICML 2018) in PyTorch.
 
 scores.py    per-sample importance: loss, upper bound, exact gradient norm
+grad_norms.py  exact per-sample gradient norms from one ordinary backward (module hooks)
 sampling.py  presample -> score -> resample -> weights; the tau switch; the samplers
 data.py      datasets as tensors        models.py  the networks
 trainer.py   the loop, timing, evaluation, metrics files
 """
 
+from .grad_norms import GradNormRecorder
 from .sampling import (
     Batch,
     ImportanceSampler,
@@ -21,6 +23,7 @@ from .trainer import METRICS_COLUMNS, Trainer
 __all__ = [
     "METRICS_COLUMNS",
     "Batch",
+    "GradNormRecorder",
     "ImportanceSampler",
     "Trainer",
     "UniformSampler",
