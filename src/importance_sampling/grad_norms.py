@@ -10,11 +10,12 @@ A forward hook keeps each parametrised layer's input, a tensor hook on its outpu
 delta from the ordinary backward pass over the batch, and the closed forms below turn (a, delta)
 into ||dL_i/dW||^2 without forming per-sample gradients where that is cheaper (the Gram form
 above costs T^2 (p + q) per sample against T p q for the materialised p x q gradient: the cheaper
-is chosen per layer). Closed forms: Linear (any leading dims), Conv1d/Conv2d (unfolded patches;
-stride, padding, dilation, groups, padding modes), BatchNorm, LayerNorm, GroupNorm, Embedding,
-nn.LSTM (the gate gradients come from one extra pass of the fused LSTM kernel, see ``_lstm``).
-Any other module that owns trainable parameters falls back to torch.func for that module only
-(vmap of a per-sample vector-Jacobian product), with one warning naming its type.
+is chosen per layer). Closed forms: Linear (any leading dims), Conv1d/Conv2d (stride, padding,
+dilation, groups, padding modes; three exact forms picked by the layer's sizes, see ``_conv``),
+BatchNorm, LayerNorm, GroupNorm, Embedding (rows of equal tokens summed), nn.LSTM (the gate
+gradients by the backward recurrence written out, see ``_lstm``). Any other module that owns
+trainable parameters falls back to torch.func for that module only (vmap of a per-sample
+vector-Jacobian product), with one warning naming its type.
 
 Exactness needs what any per-sample gradient needs: sample i's output depends on sample i only.
 A BatchNorm in train mode mixes the samples of the batch; there the result is the squared norm
@@ -95,8 +96,8 @@ def _materialise(g) -> Tensor:
 
 
 # ------------------------------------------------------------------ closed forms, per layer
-# Each takes (module, args, kwargs, output grads (flat, None where unused), trainable names,
-# compute dtype) and returns {trainable name: per-sample gradient (n, *shape) or Factors}.
+# Each takes (module, args, kwargs, output grads (flat, zeros where unused), its trainable
+# parameters' names, compute dtype) and returns {name: per-sample gradients, see PerSample}.
 
 
 def _linear(m: nn.Linear, args, kwargs, grads, names, dtype) -> PerSample:
