@@ -11,7 +11,7 @@ scores), times side by side in one process, interleaved, median of ``--reps``:
 and prints new / fwd_bwd and vmap / fwd_bwd (targets: new / fwd_bwd <= 1.5 for mlp, cnn and wrn;
 new never slower than vmap), with the largest relative difference between the two exact paths.
 ``--memory`` also measures the peak memory of each path on WRN-28-2 at B = 384 (the paper's
-presample), each in a fresh subprocess (CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated).
+presample), each in a fresh subprocess (CPU: rise of the peak RSS; CUDA: max_memory_allocated).
 
     python scripts/benchmark_scores.py                         # scale=cpu models, one thread
     python scripts/benchmark_scores.py --scale paper --memory  # + WRN-28-2 at B = 384
@@ -125,10 +125,21 @@ def memory_child(name: str, path: str, device: torch.device) -> dict:
         fn()
         torch.cuda.synchronize()
         return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-    # ru_maxrss is the peak of the process (KiB on Linux): report the rise above the set-up
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux: reset the peak RSS to the current one, run, read the peak
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib(status, "VmRSS")
+        fn()
+        return {"peak_mib": (_status_kib(status, "VmHWM") - before) / 1024}
+    # elsewhere: ru_maxrss (the process's peak; it may carry the parent's peak across exec)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
-    return {"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+    return {"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20}
+
+
+def _status_kib(status: Path, field: str) -> int:
+    line = next(x for x in status.read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def memory(name: str, device: torch.device, threads: int) -> dict:
@@ -175,6 +186,7 @@ def main() -> None:
     )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast, as the trainer on CUDA")
     parser.add_argument("--memory", action="store_true", help="peak memory on WRN-28-2, B = 384")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak memory")
     parser.add_argument("--out", type=Path, help="also write the tables here (markdown)")
     parser.add_argument(
         "--memory-child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS
@@ -201,7 +213,7 @@ def main() -> None:
         raise SystemExit(f"--models: unknown {unknown}; choose from {sorted({*CPU, *PAPER})}")
     where = f"{device.type}" + (f", {args.threads} thread(s)" if device.type == "cpu" else "")
     rows = []
-    for name in names:
+    for name in [] if args.memory_only else names:
         rows.append(bench(name, device, amp, args.reps))
         r = rows[-1]
         print(
@@ -210,10 +222,10 @@ def main() -> None:
             f"new/fb {r['new'] / r['fwd_bwd']:.2f}  vmap/fb {r['vmap'] / r['fwd_bwd']:.2f}",
             flush=True,
         )
-    text = table(rows, where, args.amp)
-    if args.memory:
+    text = table(rows, where, args.amp) if rows else ""
+    if args.memory or args.memory_only:
         peak = memory("wrn-28-2", device, args.threads)
-        kind = "peak RSS rise" if device.type == "cpu" else "max_memory_allocated"
+        kind = "rise of the peak RSS" if device.type == "cpu" else "max_memory_allocated"
         text += (
             f"\n\nPeak memory, WRN-28-2 at B = 384 ({kind}, each path in a fresh process, one "
             f"chunk of {CHUNK}): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peak.items())
