@@ -338,3 +338,27 @@ def test_a_compiled_model_is_scored_through_its_original_module():
         loss = cross_entropy(compiled._orig_mod(x), y).sum()
     loss.backward()
     torch.testing.assert_close(recorder.squared_norms().sqrt(), expected, **EXACT)
+
+
+def test_an_lstm_with_dropout_in_train_mode_is_refused_in_one_line():
+    model = Head(SequenceModel(), 12)
+    model.body.lstm.dropout = 0.5
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(RuntimeError, match="score it in eval mode"):
+        gradient_norm_scores(model.train(), x, y, cross_entropy)
+    assert gradient_norm_scores(model.eval(), x, y, cross_entropy).shape == (4,)
+
+
+class Bidirectional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, bidirectional=True)  # time first
+
+    def forward(self, x):
+        return self.lstm(x.transpose(0, 1))[0].mean(0)
+
+
+def test_a_bidirectional_lstm_falls_back_to_torch_func_along_its_batch_dim():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="no closed form for LSTM"):
+        check(Head(Bidirectional(), 8).double(), torch.randn(5, 4, 3, dtype=torch.float64), 3)

@@ -321,6 +321,11 @@ def _lstm(m: nn.LSTM, args, kwargs, grads, names, dtype, output: Tensor) -> PerS
     cell states by their elementwise recurrence, and dz by the LSTM's backward recurrence written
     out (per step: one (n, 4H) x (4H, H) matmul and a few elementwise products). Layers below the
     top are rerun by the fused kernel for their outputs."""
+    if m.training and m.dropout > 0 and m.num_layers > 1:
+        raise RuntimeError(
+            "grad_norms: an nn.LSTM with dropout between its layers in train mode: its dropout "
+            "masks cannot be recovered; score it in eval mode"
+        )
     x, hx = args[0], (args[1] if len(args) > 1 else kwargs.get("hx"))
     d_out, d_h, d_c = grads
     x, d_out = x.to(dtype), d_out.to(dtype)
@@ -399,12 +404,7 @@ def _lstm_gate_gradients(x, h_prev, c0, weights, d_out, d_hn, d_cn) -> Tensor:
 
 
 def _lstm_supported(m: nn.Module) -> bool:
-    return (
-        type(m) is nn.LSTM
-        and not m.bidirectional
-        and m.proj_size == 0
-        and not (m.training and m.dropout > 0 and m.num_layers > 1)
-    )
+    return type(m) is nn.LSTM and not m.bidirectional and m.proj_size == 0
 
 
 CLOSED_FORMS: dict[type, Callable] = {
@@ -433,8 +433,9 @@ def closed_form(m: nn.Module) -> Callable | None:
 # ------------------------------------------------------------------ the fallback: torch.func
 def _vmap_fallback(m: nn.Module, args, kwargs, grads, names, dtype) -> PerSample:
     """Per sample i: the gradient of <m(inputs_i), delta_i> with respect to m's own trainable
-    parameters, by vmap of grad over a functional call of m alone. Tensors whose first dim is
-    the batch are split; other inputs are shared. (nn.LSTM with batch_first=False: dim 1.)"""
+    parameters, by vmap of grad over a functional call of m alone (RNNs: a loop over samples).
+    Tensors whose first dim is the batch are split; other inputs are shared. (RNNs with
+    batch_first=False: dim 1.)"""
     batch_dim = 1 if isinstance(m, nn.RNNBase) and not m.batch_first else 0
     flat_args, spec = tree_flatten((args, kwargs))
     n = next(a.shape[batch_dim] for a in flat_args if isinstance(a, Tensor) and a.dim() > 0)
@@ -465,6 +466,19 @@ def _vmap_fallback(m: nn.Module, args, kwargs, grads, names, dtype) -> PerSample
                 total = total + (o * (dl if dim is None else dl.unsqueeze(batch_dim))).sum()
         return total
 
+    if isinstance(m, nn.RNNBase):
+        # vmap has no batching rule for the fused RNN kernels (it would loop over the samples
+        # anyway, and fails on time-first inputs): loop over the samples here
+        def pick(values, value_dims, i):
+            return [
+                v if k is None else v.select(k, i) for v, k in zip(values, value_dims, strict=True)
+            ]
+
+        rows = [
+            grad(inner)(params, pick(flat_args, dims, i), pick(grads, grad_dims, i))
+            for i in range(n)
+        ]
+        return {k: torch.stack([r[k] for r in rows]) for k in params}
     per_sample = vmap(grad(inner), in_dims=(None, dims, grad_dims))(params, flat_args, grads)
     return dict(per_sample)
 
