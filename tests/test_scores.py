@@ -6,6 +6,7 @@ from importance_sampling.models import CNN, MLP
 from importance_sampling.scores import (
     cross_entropy,
     gradient_norm_scores,
+    gradient_norm_scores_vmap,
     loss_scores,
     mse,
     per_sample_gradients,
@@ -99,3 +100,44 @@ def test_upper_bound_orders_samples_like_the_last_layer_gradient():
     torch.testing.assert_close(
         gradient_norm_scores(model, x, y), upper_bound_scores(model(x), y), rtol=1e-5, atol=1e-6
     )
+
+
+def test_loss_scores_are_never_zero_for_a_sample_whose_gradient_is_not_zero():
+    # margins of 20, 40 and 90: the float32 loss rounds to exactly 0 (log(1 + e^-20) < 2^-24 ...)
+    # while the float32 gradient softmax(z) - e_y is not 0 (e^-90 ~ 8e-40 is a float32 subnormal)
+    logits = torch.tensor([[20.0, 0.0, 0.0], [0.0, 40.0, 0.0], [0.0, 0.0, 90.0], [1.0, 2.0, 3.0]])
+    targets = torch.tensor([0, 1, 2, 0])
+    assert (F.cross_entropy(logits, targets, reduction="none")[:3] == 0).all()
+    gradient = torch.softmax(logits, 1)  # dL/dz_j = softmax(z)_j for j != y: not 0
+    assert (gradient[:3].min(1).values > 0).all()
+    scores = loss_scores(logits, targets)
+    assert scores.dtype == torch.float32 and (scores > 0).all()
+    exact = torch.log1p(2 * torch.exp(torch.tensor([-20.0, -40.0], dtype=torch.float64)))
+    torch.testing.assert_close(scores[:2].double(), exact, rtol=1e-6, atol=0)
+    assert scores[2] == torch.finfo(torch.float32).tiny  # e^-90: below float32's normal range
+    torch.testing.assert_close(scores[3], F.cross_entropy(logits[3:], targets[3:]))
+    # a sample whose gradient is exactly 0 in float64 too (one class only) scores 0
+    assert loss_scores(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)).eq(0).all()
+
+
+def test_other_loss_scores_are_computed_in_float64():
+    outputs, targets = torch.tensor([[1e-30, 0.0], [1.0, 0.0]]), torch.zeros(2, 2)
+    assert mse(outputs, targets)[0] == 0  # (1e-30)^2 underflows in float32 ...
+    assert outputs[0, 0] - targets[0, 0] != 0  # ... its gradient (z - y) does not
+    scores = loss_scores(outputs, targets, mse)
+    assert (scores > 0).all() and scores[1] == 0.5
+
+
+def test_a_float64_model_is_scored_in_float64():
+    torch.manual_seed(0)
+    model = CNN((1, 8, 8), 10, channels=(4, 6), hidden_size=8).double()
+    x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
+    rows = []
+    for i in range(5):
+        model.zero_grad()
+        cross_entropy(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    expected = torch.stack(rows).norm(dim=1)
+    for norms in (gradient_norm_scores(model, x, y), gradient_norm_scores_vmap(model, x, y)):
+        assert norms.dtype == torch.float64
+        torch.testing.assert_close(norms, expected, rtol=1e-12, atol=0)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from importance_sampling.models import MLP
+from importance_sampling.models import MLP, WideResNet
 from importance_sampling.sampling import importance_weights
 from importance_sampling.scores import gradient_norm_scores, per_sample_gradients
 from importance_sampling.variance import (
@@ -129,6 +129,23 @@ def test_gradient_statistics_stream_the_per_sample_gradients():
     torch.testing.assert_close(mean, v.mean(0), **close)
     torch.testing.assert_close(masked, v[mask].sum(0) / 21, **close)
     torch.testing.assert_close(sq.sqrt().float(), gradient_norm_scores(model, x, y))
+
+
+def test_gradient_statistics_need_no_per_sample_gradients_and_are_exact_on_a_resnet():
+    """BatchNorm (eval), residual connections, chunks and masks that cross chunk boundaries, in
+    float64 against the torch.func oracle that forms every per-sample gradient."""
+    torch.manual_seed(0)
+    model = WideResNet((3, 8, 8), 3, depth=10, widen_factor=1).double().eval()
+    x, y = torch.randn(7, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    masks = [torch.arange(7) % 2 == 0, torch.zeros(7, dtype=torch.bool)]
+    sq, mean, (even, empty) = gradient_statistics(model, x, y, chunk_size=3, masks=masks)
+    v = per_sample_gradients(model, x, y)
+    exact = dict(rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(sq, v.pow(2).sum(1), **exact)
+    torch.testing.assert_close(mean, v.mean(0), **exact)
+    torch.testing.assert_close(even, v[masks[0]].sum(0) / 7, **exact)
+    assert empty.abs().max() == 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_measure_compares_every_distribution_to_uniform_and_to_the_optimum():

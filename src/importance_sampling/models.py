@@ -201,8 +201,9 @@ class LSTMClassifier(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The recurrence stays in float32 under bf16 autocast: rounding the hidden state at each of
-        # 784 steps compounds, and oneDNN (the CPU) has no bf16 LSTM for every shape.
+        # The recurrence stays in the weights' dtype (float32) under bf16 autocast: rounding the
+        # hidden state at each of 784 steps compounds, and oneDNN (the CPU) has no bf16 LSTM for
+        # every shape. A float64 model runs in float64.
         with torch.autocast(x.device.type, enabled=False):
-            out, _ = self.lstm(x.float())
+            out, _ = self.lstm(x.to(self.lstm.weight_ih_l0.dtype))
         return self.classifier(out[:, -1])

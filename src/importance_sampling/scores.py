@@ -5,8 +5,10 @@ Every score maps a batch to a non-negative tensor of shape (n,):
 - ``loss_scores``           L_i, the per-sample loss (the common heuristic);
 - ``upper_bound_scores``    ||dL_i/dz_i||_2 with z the last layer's pre-activation output (logits):
                             the paper's bound, which needs only a forward pass;
-- ``gradient_norm_scores``  ||grad_theta L_i||_2 over all parameters (the optimal distribution,
-                            one backward per sample: the expensive oracle).
+- ``gradient_norm_scores``  ||grad_theta L_i||_2 over all parameters (the optimal distribution):
+                            exact, from one forward + backward over the points (grad_norms.py);
+                            ``gradient_norm_scores_vmap`` is the same by torch.func (vmap of
+                            per-sample gradients), kept as a reference and for benchmarks.
 
 A *loss function* here is any callable ``loss_fn(outputs, targets) -> (n,)`` that returns the
 per-sample (unreduced) loss, e.g. ``functools.partial(F.cross_entropy, reduction="none")``.
@@ -14,6 +16,7 @@ per-sample (unreduced) loss, e.g. ``functools.partial(F.cross_entropy, reduction
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,22 +24,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from . import grad_norms
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16 / fp16 -> float32 (losses are not computed in half precision); float64 stays."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-sample softmax cross-entropy, shape (n,). The default loss of every classifier here."""
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    return F.cross_entropy(_at_least_float32(logits), targets, reduction="none")
 
 
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample mean squared error over the output dimension d, shape (n,)."""
-    return (outputs.float() - targets.float()).pow(2).flatten(1).mean(1)
+    outputs = _at_least_float32(outputs)
+    return (outputs - targets.to(outputs.dtype)).pow(2).flatten(1).mean(1)
 
 
 def loss_scores(logits: Tensor, targets: Tensor, loss_fn: LossFn = cross_entropy) -> Tensor:
-    """The per-sample loss L_i as a score, shape (n,)."""
-    return loss_fn(logits.detach(), targets).float()
+    """The per-sample loss L_i as a score, shape (n,), float32, and never 0 for a sample whose
+    gradient is not 0.
+
+    A confidently right sample's float32 cross-entropy rounds to exactly 0 (log(1 + s) with
+    s < 6e-8) while its gradient (~s) is not 0: the loss sampler would never draw it, a bias. So
+    the loss is computed in float64, for cross-entropy in the form log1p(sum_{j != y}
+    exp(z_j - z_y)) (exact down to s ~ 1e-308, far below where the float32 gradient underflows),
+    and a positive loss below float32's range is raised to its smallest normal number (1.2e-38).
+    """
+    logits = logits.detach()
+    if loss_fn is cross_entropy:
+        losses = _stable_cross_entropy(logits.double(), targets)
+    else:
+        losses = loss_fn(logits.double(), targets).double()
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(losses > 0, losses.clamp(min=tiny), losses).float()
+
+
+def _stable_cross_entropy(z: Tensor, targets: Tensor) -> Tensor:
+    """-log softmax(z)_y, shape (n,), accurate also when it is tiny: with d_j = z_j - z_y, it is
+    log1p(sum_{j != y} exp(d_j)) when every d_j <= 0 (no overflow, no rounding of 1 + s), and
+    logsumexp(d) (>= max d > 0, no cancellation) otherwise."""
+    d = z - z.gather(1, targets.view(-1, 1))
+    others = d.scatter(1, targets.view(-1, 1), -math.inf)  # exp(-inf) = 0: j = y left out
+    small = torch.log1p(others.clamp(max=0).exp().sum(1))
+    return torch.where(others.amax(1) <= 0, small, torch.logsumexp(d, 1))
 
 
 def upper_bound_scores(logits: Tensor, targets: Tensor, loss_fn: LossFn = cross_entropy) -> Tensor:
@@ -67,6 +102,7 @@ def _per_sample_gradient_chunks(
     """Yield per-sample gradients, {param name: (chunk, *param.shape)}, chunk by chunk."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the original
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    dtype = next((v.dtype for v in params.values()), torch.float32)
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -80,7 +116,7 @@ def _per_sample_gradient_chunks(
         for start in range(0, len(inputs), chunk_size):
             end = start + chunk_size
             x = inputs[start:end]
-            x = x.float() if x.is_floating_point() else x
+            x = x.to(dtype) if x.is_floating_point() else x
             yield per_sample_grads(params, x, targets[start:end])
 
 
@@ -93,15 +129,28 @@ def gradient_norm_scores(
 ) -> Tensor:
     """Exact per-sample gradient norms ||grad_theta L_i||_2 over all trainable parameters, shape (n,).
 
-    torch.func (vmap of grad over a functional call) in chunks of ``chunk_size`` samples, so
-    memory stays bounded by chunk_size copies of the gradient. Call it with the model in eval
-    mode if it has batch-dependent layers (BatchNorm): a per-sample gradient needs each sample's
-    output to depend on that sample only. Computed in float32, also under autocast.
+    One ordinary forward + backward per chunk of ``chunk_size`` samples, with the per-sample norms
+    taken in closed form from each layer's inputs and output gradients (``grad_norms.py``): no
+    per-sample gradient of the whole model is ever formed. Call it with the model in eval mode
+    if it has batch-dependent layers (BatchNorm): a per-sample gradient needs each sample's
+    output to depend on that sample only. Computed in the model's dtype (float32 also under
+    autocast; a float64 model in float64).
     """
+    return grad_norms.gradient_norm_scores(model, inputs, targets, loss_fn, chunk_size)
+
+
+def gradient_norm_scores_vmap(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = cross_entropy,
+    chunk_size: int = 256,
+) -> Tensor:
+    """The same norms as ``gradient_norm_scores`` by torch.func (vmap of grad over a functional
+    call), in chunks of ``chunk_size`` samples: memory is chunk_size copies of the gradient, time
+    is often many backward passes. Kept as an independent reference and for the benchmark."""
     chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
-    return torch.cat(
-        [sum(t.float().pow(2).flatten(1).sum(1) for t in g.values()).sqrt() for g in chunks]
-    )
+    return torch.cat([sum(t.pow(2).flatten(1).sum(1) for t in g.values()).sqrt() for g in chunks])
 
 
 def per_sample_gradients(
@@ -113,4 +162,4 @@ def per_sample_gradients(
 ) -> Tensor:
     """Flattened per-sample gradients over all trainable parameters, shape (n, num_params)."""
     chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
-    return torch.cat([torch.cat([t.float().flatten(1) for t in g.values()], 1) for g in chunks])
+    return torch.cat([torch.cat([t.flatten(1) for t in g.values()], 1) for g in chunks])

@@ -7,8 +7,9 @@ replacement) is unbiased for mean_i v_i, and
 
     Tr Cov = (1/b) * ( sum_i q_i w_i^2 ||v_i||^2 - ||mean_i v_i||^2 ).
 
-It needs only ||v_i||^2 (B,) and ||mean_i v_i||^2, so the per-sample gradients are streamed chunk
-by chunk and never held all at once. From Tr Cov under q = uniform, loss, upper_bound and
+It needs only ||v_i||^2 (B,) and ||mean_i v_i||^2: the squared norms come from one ordinary backward
+per chunk (grad_norms.py, closed forms per layer), the mean gradient from the same backward, so no
+per-sample gradient is ever formed. From Tr Cov under q = uniform, loss, upper_bound and
 gradient_norm (the optimum) come:
 
 - ``variance_ratio``      Tr Cov_q / Tr Cov_uniform (1 = no change; lower is better). A score
@@ -41,8 +42,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .grad_norms import GradNormRecorder
 from .sampling import equivalent_batch_increment, importance_probabilities
-from .scores import LossFn, cross_entropy, loss_scores, per_sample_gradients, upper_bound_scores
+from .scores import LossFn, cross_entropy, loss_scores, upper_bound_scores
 from .trainer import Callback, Trainer
 
 DISTRIBUTIONS = ("uniform", "loss", "upper_bound", "gradient_norm")
@@ -140,22 +142,45 @@ def gradient_statistics(
     chunk_size: int = 128,
     masks: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Exact per-sample gradients (torch.func, ``scores.per_sample_gradients``), reduced chunk by
-    chunk to what the estimator's error needs, all float64:
+    """What the estimator's error needs, exactly, without forming per-sample gradients, float64:
     ||v_i||^2 (B,), mean_i v_i (P,), and (1/B) sum_{i in mask} v_i (P,) for each boolean ``mask``
-    (B,). Memory: one chunk of ``chunk_size`` flattened gradients at a time."""
-    sq_norms, total, masked = [], 0.0, [0.0] * len(masks)
-    for i in range(0, len(inputs), chunk_size):
-        g = per_sample_gradients(
-            model, inputs[i : i + chunk_size], targets[i : i + chunk_size], loss_fn, chunk_size
-        )
-        # float32 reductions (a float64 copy of the chunk would double the memory traffic)
-        sq_norms.append(torch.linalg.vector_norm(g, dim=1).double().pow(2))
-        total = total + g.sum(0).double()
-        for k, mask in enumerate(masks):
-            masked[k] = masked[k] + g[mask[i : i + chunk_size]].sum(0).double()
+    (B,), with v_i = grad_theta L_i over the trainable parameters (flattened in
+    ``named_parameters`` order).
+
+    Per chunk of ``chunk_size`` points: one forward, one backward of sum_i L_i that gives both the
+    per-sample squared norms (``grad_norms.GradNormRecorder``) and the chunk's gradient sum, and
+    one more backward of sum_{i in mask} L_i for each mask that selects a point of the chunk.
+    Memory: one chunk's activations; no parameter's .grad is touched."""
+    model = getattr(model, "_orig_mod", model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = params[0].dtype
+    recorder = GradNormRecorder(model)
+    sq_norms = []
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=inputs.device)
+    masked = [torch.zeros_like(total) for _ in masks]
+    no_autocast = torch.autocast(inputs.device.type, enabled=False)  # the exact measurement
+    with torch.enable_grad(), torch.inference_mode(False), no_autocast:
+        for i in range(0, len(inputs), chunk_size):
+            x, y = inputs[i : i + chunk_size], targets[i : i + chunk_size]
+            x = x.detach().to(dtype) if x.is_floating_point() else x
+            x, y = (x.clone() if x.is_inference() else x), (y.clone() if y.is_inference() else y)
+            with recorder:
+                losses = loss_fn(model(x), y)
+            chunk_masks = [m[i : i + chunk_size] for m in masks]
+            keep = any(bool(m.any()) for m in chunk_masks)
+            grads = torch.autograd.grad(losses.sum(), params, retain_graph=keep)
+            sq_norms.append(recorder.squared_norms().double())
+            total += _flat(grads)
+            for k, m in enumerate(chunk_masks):
+                if m.any():
+                    grads = torch.autograd.grad(losses[m].sum(), params, retain_graph=True)
+                    masked[k] += _flat(grads)
     n = len(inputs)
     return torch.cat(sq_norms), total / n, [m / n for m in masked]
+
+
+def _flat(grads: Sequence[Tensor]) -> Tensor:
+    return torch.cat([g.flatten() for g in grads]).double()
 
 
 def measure(
@@ -237,7 +262,7 @@ class VarianceCallback(Callback):
         presample_size: B; None = the trainer's sampler's presample size (3 b for uniform).
         batch_size: b; None = the trainer's sampler's batch size.
         seed: seeds the choice of the presample (the same points at every measurement).
-        chunk_size: per-sample gradients computed this many points at a time.
+        chunk_size: gradients computed this many points at a time (one forward + backward each).
         filename: written in the trainer's out_dir.
     """
 
