@@ -362,3 +362,44 @@ def test_a_bidirectional_lstm_falls_back_to_torch_func_along_its_batch_dim():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="no closed form for LSTM"):
         check(Head(Bidirectional(), 8).double(), torch.randn(5, 4, 3, dtype=torch.float64), 3)
+
+
+# ------------------------------------------------------------------ in the training step
+def test_uniform_steps_of_the_gradient_norm_sampler_take_tau_from_their_own_backward(
+    tmp_path, monkeypatch
+):
+    """tau of a uniform step = tau of the exact per-sample gradient norms of its batch, recorded
+    in the step's backward: no scoring pass (which would fail here)."""
+    import copy
+
+    from importance_sampling import samplers
+    from importance_sampling.budget import Budget
+    from importance_sampling.data import digits
+    from importance_sampling.models import MLP
+    from importance_sampling.runtime import Runtime
+    from importance_sampling.sampling import score_sums, tau_from_sums
+    from importance_sampling.scores import cross_entropy, gradient_norm_scores
+    from importance_sampling.trainer import Trainer
+
+    data = digits()
+    torch.manual_seed(0)
+    model = MLP(data.input_shape, data.num_classes)
+    sampler = samplers.ImportanceSampler(
+        "gradient_norm", batch_size=32, tau_threshold=1e9, tau_momentum=0.0
+    )
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        sampler,
+        data,
+        tmp_path,
+        budget=Budget(None, max_steps=1, eval_every_seconds=None, eval_every_steps=1),
+        runtime=Runtime("cpu"),
+        progress=False,
+    )
+    before = copy.deepcopy(model)
+    batch = copy.deepcopy(sampler.order).take(32)
+    monkeypatch.setattr(samplers, "gradient_norm_scores", None)  # an extra pass would fail
+    trainer.train_step()
+    exact = gradient_norm_scores(before, data.train_x[batch], data.train_y[batch], cross_entropy)
+    assert sampler.tau == pytest.approx(tau_from_sums(score_sums(exact)).item(), rel=1e-5)

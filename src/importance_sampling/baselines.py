@@ -108,7 +108,7 @@ class OnlineBatchSampler(Sampler):
     def select(self, model, presample, loss_fn, more=None) -> Selection:
         return Selection(presample, importance=True)
 
-    def update(self, chosen, logits, loss_fn, model=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
         self.table.update(chosen.indices, loss_scores(logits, chosen.y, loss_fn), self.steps)
 
     def state_dict(self) -> dict:
@@ -230,7 +230,7 @@ class HistorySampler(ImportanceSampler):
         mixed = keep * variance + 1 - keep
         return mixed.sqrt() if self.tau_kind == "std" else mixed
 
-    def update(self, chosen, logits, loss_fn, model=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
         fn = loss_scores if self.score == "loss" else upper_bound_scores
         scores = fn(logits, chosen.y, loss_fn)
         self.table.update(chosen.indices, scores, self.steps)
@@ -427,7 +427,7 @@ class InfoBatchSampler(Sampler):
         weights = self.weights[presample.indices.to(self.device)]
         return Selection(presample, weights=weights, importance=self.pruned > 0)
 
-    def update(self, chosen, logits, loss_fn, model=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
         self.table.update(chosen.indices, loss_scores(logits, chosen.y, loss_fn), 0)
 
     def metrics(self) -> dict[str, float]:

@@ -176,15 +176,22 @@ class Sampler:
         more candidates)."""
         return Selection(presample)
 
+    def wants_grad_norms(self, chosen: Selection) -> bool:
+        """Whether ``update`` wants the per-sample gradient norms of this step's own backward
+        pass (the trainer records them with grad_norms.GradNormRecorder)."""
+        return False
+
     def update(
         self,
         chosen: Selection,
         logits: Tensor,
         loss_fn: LossFn,
         model: nn.Module | None = None,
+        grad_norms: Tensor | None = None,
     ) -> None:
         """After the step's forward and backward pass on ``chosen`` (``logits``: its outputs,
-        detached)."""
+        detached; ``grad_norms``: ||grad L_i|| of its points from that backward, when
+        ``wants_grad_norms`` asked for them)."""
 
     # ---------------------------------------------------------------- reporting and state
     @property
@@ -383,17 +390,26 @@ class ImportanceSampler(Sampler):
         self.switch.update(tau_hat)
         return tau_hat
 
+    def wants_grad_norms(self, chosen: Selection) -> bool:
+        return self.score == "gradient_norm" and not chosen.importance
+
     def update(
         self,
         chosen: Selection,
         logits: Tensor,
         loss_fn: LossFn,
         model: nn.Module | None = None,
+        grad_norms: Tensor | None = None,
     ) -> None:
-        """After a uniform step, its own b points give the next tau_hat (Algorithm 1, line 15)."""
+        """After a uniform step, its own b points give the next tau_hat (Algorithm 1, line 15):
+        the logits of the step's forward for the loss and the upper bound; for the gradient norm
+        the norms recorded in the step's backward (or, without them, a scoring pass)."""
         if chosen.importance:
             return
-        self.update_tau(self.scores(model, chosen.x, chosen.y, loss_fn, logits=logits))
+        scores = grad_norms
+        if scores is None:
+            scores = self.scores(model, chosen.x, chosen.y, loss_fn, logits=logits)
+        self.update_tau(scores)
 
     # ------------------------------------------------------------ tau_threshold: auto
     AUTO_WINDOW = 20

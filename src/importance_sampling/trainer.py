@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from .budget import Budget, Clock, LRSchedule
 from .data import StreamingDataset, TensorDataset
+from .grad_norms import GradNormRecorder
 from .order import mix_seed
 from .outputs import (
     Callback,
@@ -37,7 +39,7 @@ from .outputs import (
     to_cpu,
 )
 from .runtime import Runtime
-from .samplers import Sampler
+from .samplers import Sampler, Selection
 from .scores import LossFn, cross_entropy
 from .sources import LoaderOptions, make_source
 
@@ -156,6 +158,7 @@ class Trainer:
             data, sampler, self.runtime, seed, train_eval_size, eval_batch_size, loader
         )
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # losses so far
+        self._recorder: GradNormRecorder | None = None
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
             self.metrics_file = MetricsFile(self.out_dir / "metrics.csv")
@@ -199,12 +202,18 @@ class Trainer:
             chosen = self.sampler.select(
                 self.forward, presample, self.loss_fn, more=self.source.__next__
             )
+        recorder = self._grad_norm_recorder(chosen)
+        with autocast(), recorder or nullcontext():
             logits = self.train_model(chosen.x)
             loss = chosen.weighted_mean(self.loss_fn(logits, chosen.y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norms = None
+        if recorder is not None:  # (w_i / n)^2 ||grad L_i||^2 -> ||grad L_i||
+            factor = 1.0 if chosen.weights is None else chosen.weights.detach()
+            grad_norms = recorder.squared_norms().sqrt() * len(chosen) / factor
         with autocast():
-            self.sampler.update(chosen, logits.detach(), self.loss_fn, self.forward)
+            self.sampler.update(chosen, logits.detach(), self.loss_fn, self.forward, grad_norms)
         finite = torch.isfinite(loss.detach())
         if self.runtime.check_every_step:  # stop at the exact step, before the update
             self._check_finite(finite, loss)
@@ -216,6 +225,16 @@ class Trainer:
         self.importance_steps += chosen.importance
         self.steps_since_row += 1
         self.is_steps_since_row += chosen.importance
+
+    def _grad_norm_recorder(self, chosen: Selection) -> GradNormRecorder | None:
+        """The per-sample gradient norms of this step's own backward, when the sampler wants them
+        (the gradient-norm sampler's uniform steps: its tau, with no extra pass). A compiled
+        graph hides the layers' activations: the sampler then scores the batch itself."""
+        if self.runtime.compile or not self.sampler.wants_grad_norms(chosen):
+            return None
+        if self._recorder is None:
+            self._recorder = GradNormRecorder(self.model)
+        return self._recorder
 
     def _check_finite(self, loss_finite: Tensor, loss: Tensor | None = None) -> None:
         """Raise if the loss or the sampler's scores so far were not finite, on any rank (every
