@@ -288,3 +288,20 @@ def test_torchrun_trains_and_a_killed_run_resumes_to_the_same_metrics(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert metrics(killed) == rows
+
+
+@pytest.mark.slow
+def test_torchrun_streams_each_ranks_share_through_worker_processes(tmp_path):
+    run_dir = tmp_path / "stream"
+    proc = torchrun(
+        run_dir,
+        "dataset.stream=true",
+        "loader.num_workers=1",
+        "trainer.max_steps=60",
+        "trainer.checkpoint_every=null",
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert rows[-1]["step"] == "60" and rows[-1]["world_size"] == "2"
+    assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
