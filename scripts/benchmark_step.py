@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from importance_sampling.builder import build_dataset, build_trainer
-from importance_sampling.data import DataError, RandomCropFlip, TensorDataset
+from importance_sampling.data import DataError, RandomCropFlip, TensorDataset, synthetic
 from importance_sampling.samplers import ImportanceSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,16 +81,9 @@ def synthetic_like(cfg) -> TensorDataset:
         shape, classes = (1, 28, 28), 10
     n = d.get("train_size") or TRAIN_SIZES.get(target, 60_000)
     n_test = d.get("test_size") or 1000  # evaluation is not timed
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(
-        f"synthetic_{target}",
-        torch.randn(n, *shape, generator=g),
-        torch.randint(0, classes, (n,), generator=g),
-        torch.randn(n_test, *shape, generator=g),
-        torch.randint(0, classes, (n_test,), generator=g),
-        classes,
-        augment,
-    )
+    data = synthetic(shape, classes, n, n_test, name=f"synthetic_{target}")
+    data.augment = augment
+    return data
 
 
 def sync(device: torch.device) -> None:

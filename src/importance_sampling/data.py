@@ -207,6 +207,32 @@ def fashion_mnist(
     )
 
 
+def synthetic(
+    shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    train_size: int = 50_000,
+    test_size: int = 10_000,
+    augment: bool = False,
+    seed: int = 0,
+    name: str = "synthetic",
+) -> TensorDataset:
+    """Random inputs of ``shape`` (standard normal) and random labels: for timing a network and
+    a pipeline at a real dataset's sizes without the dataset (nothing to learn; no download).
+    ``augment``: the CIFAR crop (padding shape[-1] / 8) and flip, for image shapes."""
+    shape = tuple(int(d) for d in shape)
+    g = torch.Generator().manual_seed(seed)
+    crop = RandomCropFlip(max(1, shape[-1] // 8)) if augment and len(shape) == 3 else None
+    return TensorDataset(
+        name,
+        torch.randn(train_size, *shape, generator=g),
+        torch.randint(0, num_classes, (train_size,), generator=g),
+        torch.randn(test_size, *shape, generator=g),
+        torch.randint(0, num_classes, (test_size,), generator=g),
+        num_classes,
+        crop,
+    )
+
+
 # ------------------------------------------------------------------ the paper's datasets
 class RandomCropFlip:
     """The paper's CIFAR augmentation, done on a whole batch on its device: a random crop of the
