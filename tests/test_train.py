@@ -264,3 +264,36 @@ def test_help_lists_only_real_samplers_and_the_shared_base_is_no_choice(tmp_path
         proc = run_cli(f"sampler={name}", "trainer.max_steps=1", cwd=tmp_path)
         assert proc.returncode == 1
         assert f"Could not find 'sampler/{name}'" in proc.stderr
+
+
+def test_resume_says_what_it_does(tmp_path):
+    """resume=true on a directory without a checkpoint says it starts anew; resume=must refuses;
+    with a checkpoint it says the step it resumes from."""
+    run_dir = tmp_path / "run"
+    common = [
+        "trainer.time_budget=null",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=5",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    must = run_cli(*common, "trainer.max_steps=10", "trainer.resume=must", cwd=tmp_path)
+    assert must.returncode == 1 and "Traceback" not in must.stderr
+    assert (
+        f"error: no checkpoint in {run_dir}: nothing to resume (trainer.resume=must)" in must.stderr
+    )
+    assert not (run_dir / "metrics.csv").exists()
+    fresh = run_cli(
+        *common,
+        "trainer.max_steps=10",
+        "trainer.resume=true",
+        "trainer.checkpoint_every=5",
+        "trainer.checkpoint_unit=steps",
+        cwd=tmp_path,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"no checkpoint in {run_dir}: starting a new run" in fresh.stdout + fresh.stderr
+    resumed = run_cli(*common, "trainer.max_steps=15", "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 10" in resumed.stdout + resumed.stderr
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == [0, 5, 10, 15]
