@@ -305,3 +305,35 @@ def test_torchrun_streams_each_ranks_share_through_worker_processes(tmp_path):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert rows[-1]["step"] == "60" and rows[-1]["world_size"] == "2"
     assert float(rows[-1]["train_loss"]) < 0.5 * float(rows[0]["train_loss"])
+
+
+def test_slurm_tasks_are_ranks_that_meet_whatever_the_submitting_shell_left(monkeypatch):
+    """Each task of a SLURM job of 2 tasks (hydra/launcher=slurm with tasks_per_node=2, here on
+    2 nodes) is one rank, and both reach the same address. sbatch copies the submitting shell's
+    environment into the job: a MASTER_ADDR left there (a torchrun session) must not win."""
+    from importance_sampling.distributed import _from_slurm, launched_ranks
+
+    exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    job = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node[7-8]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "0",
+    }
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    seen = []
+    for rank in (0, 1):
+        for key in exported:
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("MASTER_ADDR", "stale-host")
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.setenv("SLURM_NODEID", str(rank))
+        assert launched_ranks() == 2
+        _from_slurm()
+        assert [os.environ[key] for key in exported[:4]] == [str(rank), "2", "0", "1"]
+        seen.append((os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]))
+    assert seen[0] == seen[1] and seen[0][0] == "node7"  # the job's first node, a port of its id

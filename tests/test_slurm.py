@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,13 +27,19 @@ SCRIPT = ROOT / "scripts" / "local_slurm.sh"
 NEEDED = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol"]
 
 
-def readme_command() -> list[str]:
-    """The arguments of the README's SLURM sweep on one machine (the tests run that command)."""
+def readme_command(tasks: int = 1) -> list[str]:
+    """The arguments of the README's SLURM command on one machine whose jobs have ``tasks``
+    tasks (1: the sweep, 2: one data-parallel run); the tests run those commands."""
     readme = (ROOT / "README.md").read_text()
-    (line,) = re.findall(
+    lines = re.findall(
         r"^python train\.py -m hydra/launcher=slurm .*partition=local.*$", readme, re.M
     )
-    return shlex.split(line)[2:]
+    (line,) = [
+        line
+        for line in lines
+        if f"tasks_per_node={tasks} " in line or (tasks == 1 and "tasks_per_node" not in line)
+    ]
+    return shlex.split(line, comments=True)[2:]
 
 
 # ---------------------------------------------------------------- no cluster needed
@@ -83,6 +90,105 @@ def test_squeue_states_expands_arrays_and_treats_forgotten_jobs_as_absent(tmp_pa
     }
     assert "--jobs=12,13" in (tmp_path / "args").read_text()  # one call for all the jobs
     assert squeue_states(["99_0"]) == {}  # ended more than MinJobAge ago: no longer listed
+
+
+class FakeJob:
+    """A finished submitit job of ``num_tasks`` tasks: the files it leaves, as submitit names
+    them (``<job>_<task>_log.err``, ``<job>_<task>_result.pkl``)."""
+
+    def __init__(self, folder: Path, num_tasks: int):
+        self.folder, self.num_tasks = folder, num_tasks
+
+    def task(self, k: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            paths=SimpleNamespace(
+                stderr=self.folder / f"7_{k}_log.err",
+                result_pickle=self.folder / f"7_{k}_result.pkl",
+            )
+        )
+
+    def write(self, k: int, log: str, result: tuple | None = None) -> None:
+        from submitit.core.utils import cloudpickle_dump
+
+        self.task(k).paths.stderr.write_text(log)
+        if result is not None:
+            cloudpickle_dump(result, self.task(k).paths.result_pickle)
+
+
+GLOO = (
+    "RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:13031. "
+    "This is typically caused by a remote worker crashing."
+)
+
+
+def test_a_failed_job_of_several_ranks_is_reported_by_the_rank_that_failed_first(tmp_path):
+    """The ranks a failed rank takes down fail too (gloo's "connection closed", srun's stop): the
+    report must name the first one, from the files a 2-task job leaves (as on the local cluster)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.importance_sampling_slurm.slurm_launcher import job_error, srun_verdicts
+
+    def traceback(error: str, rank: int | None = None) -> str:
+        """As submitit pickles it, or (rank) as torch prints it to a rank's stderr."""
+        lines = ["Traceback (most recent call last):", "  ...", error]
+        return "".join(
+            f"[rank{rank}]: {line}\n" if rank is not None else line + "\n" for line in lines
+        )
+
+    stop = (
+        "srun: launch/slurm: _step_signal: Terminating StepId=7.0\n"
+        "slurmstepd-node1: error: *** STEP 7.0 ON node1 CANCELLED AT 2026-01-01T00:00:00 ***\n"
+    )
+    # rank 1 killed (the OOM killer: no traceback, no result); rank 0 fails in a collective
+    job = FakeJob(tmp_path / "killed", 2)
+    job.folder.mkdir()
+    job.write(1, "")
+    srun_lines = "srun: error: node1: task 1: Killed\n" + stop
+    job.write(
+        0,
+        traceback(GLOO, 0) + srun_lines + "srun: error: node1: task 0: Terminated\n",
+        ("error", traceback(GLOO)),
+    )
+    assert job_error(job) == ("srun: error: node1: task 1: Killed", job.task(0).paths.stderr)
+
+    # rank 1 raised; rank 0 then failed in a collective: both wrote their traceback
+    job = FakeJob(tmp_path / "raised", 2)
+    job.folder.mkdir()
+    job.write(1, traceback("RuntimeError: boom", 1), ("error", traceback("RuntimeError: boom")))
+    batch = traceback(GLOO, 0) + "srun: error: node1: task 1: Exited with exit code 1\n" + stop
+    job.write(0, batch + "srun: error: node1: task 0: Terminated\n", ("error", traceback(GLOO)))
+    assert job_error(job) == ("RuntimeError: boom", job.task(1).paths.stderr)
+
+    # a bad option on one rank (here rank 1's node lacks the GPU): train.py's one-line error
+    job = FakeJob(tmp_path / "option", 2)
+    job.folder.mkdir()
+    error = "error: device: cuda:1 was asked for, but this machine has 1 CUDA devices"
+    job.write(1, error + "\n")
+    job.write(
+        0,
+        "srun: error: node1: task 1: Exited with exit code 1\n"
+        + stop
+        + "srun: error: node1: task 0: Killed\n",
+    )
+    assert job_error(job) == (error, job.task(1).paths.stderr)
+
+    # one task, whose run raised (Hydra's JobReturn)
+    job = FakeJob(tmp_path / "single", 1)
+    job.folder.mkdir()
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=ValueError("bad value"))
+    job.write(0, "Traceback (most recent call last):\nValueError: bad value\n", ("success", failed))
+    assert job_error(job) == ("ValueError: bad value", job.task(0).paths.stderr)
+
+    log = tmp_path / "ranges.err"
+    log.write_text(
+        "srun: error: node2: tasks 4-6,9: Exited with exit code 1\nsrun: error: node1: task 0: Killed\n"
+    )
+    assert srun_verdicts(log) == [
+        ([4, 5, 6, 9], "srun: error: node2: tasks 4-6,9: Exited with exit code 1"),
+        ([0], "srun: error: node1: task 0: Killed"),
+    ]
 
 
 def test_slurm_launcher_config_composes_over_the_plugin(tmp_path):
@@ -302,6 +408,171 @@ def test_a_failing_job_is_reported_with_its_log_and_error_line(cluster, tmp_path
     summary = json.loads((tmp_path / "sweep" / "uniform_seed0_1" / "summary.json").read_text())
     assert summary["status"] == "completed"  # the other job is unaffected
     assert time.time() - start < 120
+
+
+# ---------------------------------------------------------------- one run over several tasks
+@pytest.fixture(scope="module")
+def ddp_run(cluster, tmp_path_factory):
+    """The README's 2-task job on the local cluster: one data-parallel run of 2 ranks (gloo),
+    in the default sweep directory (multirun/<time>, from the submitting process's clock)."""
+    tmp = tmp_path_factory.mktemp("slurm_ddp")
+    proc = train(
+        *readme_command(tasks=2), "trainer.progress=false", "hydra.launcher.timeout_min=5", cwd=tmp
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep_dir,) = (tmp / "multirun").iterdir()  # the ranks agree on ${now:...}: one directory
+    return sweep_dir, proc
+
+
+@pytest.mark.slow
+def test_a_two_task_job_is_one_run_of_two_ranks(ddp_run):
+    sweep_dir, proc = ddp_run
+    args = readme_command(tasks=2)
+    assert "hydra.launcher.tasks_per_node=2" in args and "trainer.max_steps=300" in args
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [
+        ".submitit",
+        "multirun.yaml",
+        "upper_bound_seed0_0",
+    ]
+    run = sweep_dir / "upper_bound_seed0_0"
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra",
+        "metrics.csv",
+        "summary.json",
+        "train.log",
+    ]
+    b = int(re.search(r"batch_size: (\d+)", (run / ".hydra" / "config.yaml").read_text()).group(1))
+    rows = pd.read_csv(run / "metrics.csv")
+    assert rows["step"].tolist() == [0, 100, 200, 300]  # trainer.eval_every_steps=100
+    assert (rows["world_size"] == 2).all()
+    # each rank trains on b/2 points per step: samples and epoch count both ranks' points
+    assert (rows["samples"] == 2 * rows["step"] * (b // 2)).all()
+    assert rows["epoch"].tolist() == pytest.approx((rows["samples"] / 1437).tolist())  # digits
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 300
+    assert summary["world_size"] == 2 and summary["samples"] == 300 * b
+    assert "multirun: 1 runs in" in proc.stdout  # the launcher's one run, rank 0's JobReturn
+
+
+@pytest.mark.slow
+def test_both_ranks_of_a_two_task_job_run_and_rank_0_alone_writes(ddp_run):
+    from omegaconf import OmegaConf
+    from submitit.core.utils import pickle_load
+
+    sweep_dir, proc = ddp_run
+    run = sweep_dir / "upper_bound_seed0_0"
+    (job_id,) = job_ids(proc.stderr + proc.stdout)
+    assert final_state(job_id) == "COMPLETED"
+    jobs = sweep_dir / ".submitit" / job_id
+    submission = (jobs / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in submission and "--kill-on-bad-exit=1" in submission
+    logs = [(jobs / f"{job_id}_{rank}_log.out").read_text() for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        assert f"Starting with JobEnvironment(job_id={job_id}," in log
+        assert f"global_rank={rank}(2)" in log
+    # init_distributed found the 2 ranks through SLURM's variables; the trainer's lines and its
+    # summary are rank 0's (rank 1 runs with Hydra's job logging off, as under torchrun)
+    assert "cpu x 2 processes" in logs[0] and f"results in {run}" in logs[0]
+    assert "Job completed successfully" in logs[0]
+    assert "[train]" not in logs[1] and "results in" not in logs[1]
+    # every task returned: the same run, so the same final training loss on both ranks
+    results = [pickle_load(jobs / f"{job_id}_{rank}_result.pkl") for rank in (0, 1)]
+    assert [outcome for outcome, _ in results] == ["success", "success"]
+    rets = [ret for _, ret in results]
+    assert (
+        rets[0].return_value
+        == rets[1].return_value
+        == json.loads((run / "summary.json").read_text())["train_loss"]
+    )
+    # Hydra's files and log are rank 0's alone (rank 1 used to rewrite .hydra/ and append its
+    # lines to train.log)
+    assert rets[0].hydra_cfg.hydra.output_subdir == ".hydra"
+    assert rets[1].hydra_cfg.hydra.output_subdir is None
+    written = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra  # by rank 0, not rank 1
+    assert written.output_subdir == ".hydra" and "file" in written.job_logging.root.handlers
+    assert (run / "train.log").read_text().count("Job completed successfully") == 1
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_job_and_is_the_rank_reported(cluster, tmp_path, monkeypatch):
+    """Rank 1 fails before the ranks meet (its node lacks the GPU asked for). Rank 0, waiting for
+    it at the rendezvous, would wait for the process group's timeout (30 min) if srun did not
+    stop it; the report shows rank 1's error, not rank 0's."""
+    monkeypatch.setenv("IS_TEST_DEVICE_0", "cpu")
+    monkeypatch.setenv("IS_TEST_DEVICE_1", "cuda:99")
+    start = time.time()
+    proc = train(
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=local",
+        "hydra.launcher.tasks_per_node=2",
+        "threads=1",
+        "trainer.progress=false",
+        'device="${oc.env:IS_TEST_DEVICE_${oc.env:SLURM_PROCID}}"',  # resolved in each task
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.time() - start < 90
+    (job_id,) = job_ids(proc.stderr + proc.stdout)
+    jobs = tmp_path / "sweep" / ".submitit" / job_id
+    assert f"#0 SLURM job {job_id} FAILED" in proc.stderr
+    assert "\n    error: device: cuda:99 was asked for, but this machine has" in proc.stderr
+    assert f"\n    log: {jobs / f'{job_id}_1_log.err'}\n" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # srun stopped rank 0 because rank 1 exited
+    assert "task 1: Exited with exit code 1" in (jobs / f"{job_id}_0_log.err").read_text()
+    assert final_state(job_id) == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_is_reported_and_does_not_hang_the_other(cluster, tmp_path):
+    """SIGKILL (what the kernel's out-of-memory killer sends) leaves no traceback and no result:
+    srun's own line says what happened to the rank."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=local",
+            "hydra.launcher.tasks_per_node=2",
+            "sampler=upper_bound",
+            "threads=1",
+            "trainer.time_budget=120",
+            "trainer.eval_every_seconds=0.5",
+            "trainer.progress=false",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "IS_DATA_DIR": str(tmp_path / "data")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = sweep_dir / "upper_bound_seed0_0"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.csv").exists() and len(read_rows(run)) >= 2:  # both ranks train
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    pids = subprocess.run(
+        ["scontrol", "listpids", job_id], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    # PID JOBID STEPID LOCALID GLOBALID: rank 1 of the job's step 0
+    (pid,) = [int(p.split()[0]) for p in pids if p.split()[2:5:2] == ["0", "1"]]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert time.time() - killed < 60  # not the budget (120 s), nor the process group's timeout
+    assert f"#0 SLURM job {job_id} FAILED" in stderr
+    assert f"\n    srun: error: {socket.gethostname()}: task 1: Killed\n" in stderr
+    assert f"\n    log: {sweep_dir / '.submitit' / job_id / f'{job_id}_0_log.err'}\n" in stderr
 
 
 # ---------------------------------------------------------------- interrupted jobs resume

@@ -103,7 +103,10 @@ def _from_slurm() -> None:
             "a SLURM step of several tasks needs submitit to find its peers "
             "(pip install submitit), or launch the ranks with torchrun"
         ) from e
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite: sbatch copies the submitting shell's environment into the job, and a
+    # MASTER_ADDR left there (a torchrun session) is not this job's first node. A MASTER_PORT
+    # set there is kept (submitit's choice); without one, the port follows from the job id.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def launched_ranks() -> int:

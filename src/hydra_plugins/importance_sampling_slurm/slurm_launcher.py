@@ -1,6 +1,6 @@
 """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml): each job of a multirun is a SLURM job.
 
-hydra-submitit-launcher's SLURM launcher, with three changes a researcher on a real cluster needs:
+hydra-submitit-launcher's SLURM launcher, with the changes a researcher on a real cluster needs:
 
 - it waits for the jobs with ``squeue`` and their result files, never ``sacct``: on a cluster
   without accounting (AccountingStorageType=accounting_storage/none) submitit's sacct calls fail
@@ -10,7 +10,11 @@ hydra-submitit-launcher's SLURM launcher, with three changes a researcher on a r
 - a job that fails is reported with its SLURM state, its error line and its log file, instead of
   submitit's exception and stack trace;
 - a job that SLURM preempts or times out (with ``max_num_timeout`` > 0) is requeued with
-  ``trainer.resume=true``: it continues from its checkpoint.pt (``trainer.checkpoint_every``).
+  ``trainer.resume=true``: it continues from its checkpoint.pt (``trainer.checkpoint_every``);
+- a job of several tasks (``tasks_per_node``, ``nodes``) is one data-parallel run, each task one
+  rank: rank 0 alone writes Hydra's files and log (the trainer: the run's outputs); a rank that
+  fails ends the job at once (srun --kill-on-bad-exit) instead of leaving the others waiting for
+  it until the process group's timeout, and the report names the rank that failed first.
 
 Plugins live in the ``hydra_plugins`` namespace (Hydra only instantiates launchers from there);
 this one is found wherever ``importance_sampling`` is, in the submitting process and in the jobs.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +59,8 @@ ACTIVE = {
 # After SLURM says a job completed, its result files may take a while to show on a shared filesystem.
 RESULT_GRACE_S = 15.0
 MAX_POLL_S = 30.0
+# Hydra's overrides for the ranks other than 0 of a job of several tasks (each task one rank)
+QUIET_RANK = ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
 def squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
@@ -130,27 +137,24 @@ def wait_for(jobs: Sequence[Any]) -> dict[str, str]:
     return failed
 
 
-def failed_log(job: Any) -> Path:
-    """The stderr of the job's first task that wrote no result (task 0's if none did)."""
-    tasks = [job.task(k) for k in range(job.num_tasks)]
-    failed = [task for task in tasks if not task.paths.result_pickle.exists()]
-    return (failed or tasks)[0].paths.stderr
-
-
 def error_line(log_file: Path) -> str:
-    """The line of a job's stderr that says what went wrong.
+    """The line of a task's stderr that says what went wrong.
 
     train.py's own ``error: ...`` line if there is one, else SLURM's notice (``*** JOB 12 ON node
-    CANCELLED AT ... ***``, ``DUE TO TIME LIMIT``), else the last line that is not srun's.
+    CANCELLED AT ... ***``, ``DUE TO TIME LIMIT``), else the last line that is neither srun's nor
+    slurmstepd's (the exception of a traceback), else slurmstepd's notice. torch prefixes the traceback of a process in a
+    process group with ``[rank1]:``; that is dropped.
     """
     try:
-        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()]
+        text = log_file.read_text(errors="replace")
     except OSError:
         return "(no log)"
+    lines = [re.sub(r"^\[rank\d+\]:", "", line).strip() for line in text.splitlines()]
     for pick in (
         lambda line: line.startswith("error:"),
-        lambda line: "***" in line,
-        lambda line: line and not line.startswith("srun:"),
+        lambda line: "*** JOB" in line,
+        lambda line: line and not line.startswith(("srun:", "slurmstepd")),
+        lambda line: "***" in line,  # *** STEP 12.0 ON node CANCELLED AT ... ***
     ):
         found = [line for line in lines if pick(line)]
         if found:
@@ -158,15 +162,94 @@ def error_line(log_file: Path) -> str:
     return "(empty log)"
 
 
+def srun_verdicts(batch_log: Path) -> list[tuple[list[int], str]]:
+    """srun's lines on the tasks that ended badly, in the order they ended, e.g.
+    ``srun: error: node1: task 1: Killed`` -> ``([1], "srun: error: node1: task 1: Killed")``.
+
+    srun writes them into the job's own stderr, which is task 0's."""
+    try:
+        text = batch_log.read_text(errors="replace")
+    except OSError:
+        return []
+    verdicts = []
+    for found in re.finditer(r"^srun: error: \S+: tasks? ([\d,-]+): .*$", text, re.M):
+        tasks = []
+        for part in found.group(1).split(","):  # "0-3,5"
+            first, _, last = part.partition("-")
+            tasks += range(int(first), int(last or first) + 1)
+        verdicts.append((tasks, found.group(0)))
+    return verdicts
+
+
+def task_result(task: Any) -> tuple[str, Any] | None:
+    """What a submitit task wrote: ("success", its JobReturn) or ("error", the traceback of
+    the exception that ended it); None if it wrote nothing (killed, or train.py exited 1)."""
+    from submitit.core.utils import pickle_load
+
+    path = task.paths.result_pickle
+    return pickle_load(path) if path.exists() else None
+
+
+def task_error(result: tuple[str, Any] | None) -> str | None:
+    """The exception a task's result holds (None for a successful run, or no result)."""
+    if result is None:
+        return None
+    outcome, value = result
+    if outcome == "error":  # a traceback
+        return [line for line in str(value).splitlines() if line.strip()][-1].strip()
+    if value.status == JobStatus.FAILED:  # a JobReturn (the property would raise the exception)
+        e = value._return_value
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def job_error(job: Any) -> tuple[str, Path]:
+    """What went wrong in a failed job: (its error line, the log file it comes from).
+
+    In a job of several tasks (one rank each), the rank that failed first, not the ranks it took
+    down (srun stops them, or they fail in a collective when it is gone): train.py's error line
+    of the first rank that has one (a bad option: every rank has it), else the first task srun
+    says ended badly, else the first task that did not complete."""
+    tasks = [job.task(k) for k in range(job.num_tasks)]
+    logs = [task.paths.stderr for task in tasks]
+    lines = [error_line(log) for log in logs]
+    verdicts = srun_verdicts(logs[0])
+    results = [task_result(task) for task in tasks]
+    errors = [task_error(result) for result in results]
+    users = [k for k, line in enumerate(lines) if line.startswith("error:")]
+    failed = [k for k, r in enumerate(results) if r is None or errors[k] is not None]
+    first = (users or [v[0][0] for v in verdicts] or failed or [0])[0]
+    if first not in users and errors[first] is not None:
+        return errors[first], logs[first]  # the exception, also at the end of its log
+    if lines[first] in ("(no log)", "(empty log)") and verdicts:  # e.g. killed: srun says so
+        said = [line for tasks, line in verdicts if first in tasks]
+        return (said or [lines[first]])[0], logs[0]
+    return lines[first], logs[first]
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher (same options), waiting and reporting as above."""
 
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
-        """Runs in the SLURM job: one Hydra job."""
+        """Runs in each task of the SLURM job: one Hydra job, or one rank of it (the trainer
+        finds its peers through SLURM's variables, see importance_sampling.distributed)."""
+        import submitit
+
+        env = submitit.JobEnvironment()
+        # A requeued task's result of its previous run (a rank that failed when rank 0 left to
+        # requeue) must not pass for this run's while the launcher waits for every task.
+        env.paths.result_pickle.unlink(missing_ok=True)
+        if env.global_rank > 0:  # rank 0 alone writes .hydra/ and the job's log file
+            sweep_overrides = [*sweep_overrides, *QUIET_RANK]
         ret = super().__call__(sweep_overrides, *args, **kwargs)
         if ret.status == JobStatus.FAILED:
-            # The traceback does not survive pickling back to the submitting process: log it here.
             e = ret._return_value
+            if env.num_tasks > 1:
+                # Exit non-zero: srun (--kill-on-bad-exit) then stops the other ranks now, which
+                # would otherwise wait for this one in a collective (or at the rendezvous) until
+                # the process group's timeout. The traceback goes to the task's result and log.
+                raise e
+            # The traceback does not survive pickling back to the submitting process: log it here.
             traceback.print_exception(type(e), e, e.__traceback__)
         return ret
 
@@ -199,6 +282,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         executor.update_parameters(
             **{key if key in shared else f"slurm_{key}": v for key, v in params.items()}
         )
+        if params["tasks_per_node"] * params["nodes"] > 1:
+            # A task that fails ends the job's step (srun stops the other tasks) instead of
+            # leaving its peers waiting for it until the process group's timeout.
+            executor.update_parameters(slurm_srun_args=["--kill-on-bad-exit=1"])
 
         nums = range(initial_job_idx, initial_job_idx + len(job_overrides))
         jobs = executor.map_array(
@@ -217,20 +304,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         returns, failures = [], []
         for num, overrides, job in zip(nums, job_overrides, jobs, strict=True):
             what = f"#{num} SLURM job {job.job_id} %s ({' '.join(filter_overrides(overrides))})"
-            log_file = failed_log(job)
-            if job.job_id in ended:
-                state = ended[job.job_id]
-                failures.append((what % state, state, error_line(log_file), log_file))
-                continue
-            try:
-                ret = job.results()[0]  # rank 0's
-            except submitit.core.utils.UncompletedJobError:  # submitit itself failed in the job
-                failures.append((what % "FAILED", "FAILED", error_line(log_file), log_file))
-                continue
-            if ret.status == JobStatus.FAILED:  # an exception in the run (its trace is in the log)
-                e = ret._return_value  # (the property would raise it)
-                failures.append((what % "FAILED", "FAILED", f"{type(e).__name__}: {e}", log_file))
-            returns.append(ret)
+            state = ended.get(job.job_id, "FAILED")
+            results = [task_result(job.task(k)) for k in range(job.num_tasks)]
+            if job.job_id in ended or any(r is None or task_error(r) for r in results):
+                failures.append((what % state, state, *job_error(job)))
+            else:
+                returns.append(results[0][1])  # rank 0's JobReturn
         if failures:
             # One message, no stack trace (a raised exception would get Hydra's traceback hint).
             print(report(failures, len(jobs), sweep_dir), file=sys.stderr)
