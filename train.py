@@ -58,7 +58,5 @@ def prepare_ranks() -> None:
 
 if __name__ == "__main__":
     prepare_ranks()
-    try:
-        main()
-    finally:
-        close_ranks()
+    main()  # an error exits here (SystemExit): no goodbye with ranks that may be elsewhere
+    close_ranks()

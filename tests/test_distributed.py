@@ -325,6 +325,8 @@ def test_slurm_tasks_are_ranks_that_meet_whatever_the_submitting_shell_left(monk
     }
     for key, value in job.items():
         monkeypatch.setenv(key, value)
+    for key in (*exported, "MASTER_ADDR"):  # export() writes them: restore them after the test
+        monkeypatch.setenv(key, "")
     seen = []
     for rank in (0, 1):
         for key in exported:

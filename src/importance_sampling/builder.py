@@ -136,9 +136,13 @@ def _set_threads(threads, dist: Distributed, device: torch.device) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
         torch.set_num_threads(threads)
-    elif dist.enabled and device.type == "cpu":  # ranks on one machine share its cores
+    elif dist.enabled and device.type == "cpu":
+        # the cores this process may run on: all of the machine's, shared by its ranks, or its own
+        # (a cluster that binds each task to cpus_per_task cores)
+        total = os.cpu_count() or 1
+        mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+        torch.set_num_threads(max(1, mine // per_node if mine == total else mine))
 
 
 def build_trainer(
@@ -166,7 +170,13 @@ def build_trainer(
         raise _config_error(e) from None
     torch.manual_seed(cfg.seed)
     sampler = build(cfg.sampler, "sampler")  # cheap: its option errors come first
-    data = data or build_dataset(cfg.dataset)
+    if data is None:
+        # rank 0 first: a first use may copy or download the files, which every rank then reads
+        if dist.enabled and not dist.is_main:
+            dist.barrier()
+        data = build_dataset(cfg.dataset)
+        if dist.enabled and dist.is_main:
+            dist.barrier()
     model = build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes)
     check_model_output(model.to(runtime.device), data, runtime.device)
     try:

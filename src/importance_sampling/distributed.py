@@ -111,7 +111,7 @@ def _from_slurm() -> None:
 
 def launched_ranks() -> int:
     """How many processes the launcher started for this run (1 without torchrun or SLURM tasks)."""
-    if "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun sets both
         return int(os.environ["WORLD_SIZE"])
     if "SLURM_PROCID" in os.environ:
         return int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
@@ -140,9 +140,13 @@ def init_distributed(device_type: str | None = None) -> Distributed:
 
 
 def close_ranks() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one: all ranks together (a gloo peer that
+    closes its connections while another rank still uses them makes that rank abort)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shared_run_stamp() -> str:
