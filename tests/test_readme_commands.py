@@ -1,0 +1,193 @@
+"""Every shell command of the README runs as written, with a small budget, in a copy of the repo.
+
+Each command of the README's ```bash blocks is matched by one rule below: run it (with a few
+seconds of budget and one seed, rewritten by the rule), or skip it for a stated reason (a GPU,
+a cluster, an account, the network, or the set-up commands CI itself runs). A command that no
+rule matches fails the test: a new README command must be run or explicitly excused here.
+The commands run in order in one temporary copy of the repository, so later ones find what
+earlier ones wrote (``multirun/<time>`` is the newest sweep, ``<date>_<time>`` likewise).
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAMP = r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}"
+TRAIN_BUDGET = ["trainer.time_budget=2", "trainer.eval_every_seconds=0.5", "trainer.progress=false"]
+
+SKIP = [  # (pattern, reason)
+    (r"^make (train|test)\b", "set-up: CI runs `make test`; `make train` builds .venv"),
+    (r"^make notebooks\b", "tests/test_notebooks* run the notebook commands"),
+    (r"apt-get install", "installs Debian packages (make test does it as root)"),
+    (r"local_slurm\.sh|^sinfo\b|hydra/launcher=slurm", "tests/test_slurm.py runs SLURM for real"),
+    (r"^jupyter lab\b", "interactive: opens a browser"),
+    (r"^wandb |WANDB_MODE=online|logger\.mode=online", "needs a W&B account and the internet"),
+    (r"device=cuda|--scale gpu|nproc_per_node=8|--nnodes", "needs GPUs or several nodes"),
+    (r"experiment=(cifar10|cifar100)_wrn(?!.*scale=cpu)", "needs the CIFAR download and a GPU"),
+    (r"experiment=finetune_resnet(?!.*scale=cpu)", "needs MIT67 or ImageNet and GPUs"),
+]
+
+
+def commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(strip_comment(line))
+    return out
+
+
+def strip_comment(line: str) -> str:
+    """The command without its trailing ``# comment`` (a # outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if ch in "'\"" and quote in (None, ch):
+            quote = None if quote else ch
+        elif ch == "#" and quote is None and (i == 0 or line[i - 1] == " "):
+            return line[:i].rstrip()
+    return line
+
+
+def small(args: list[str]) -> list[str]:
+    """Overrides of a training command cut to a few seconds and one seed."""
+    out = []
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in ("seed",) and "," in value:
+            a = f"seed={value.split(',')[0]}"
+        elif key == "trainer.time_budget" and value != "null":
+            continue
+        elif key == "trainer.max_steps":
+            a = f"trainer.max_steps={min(int(value), 20)}"
+        elif key == "trainer.eval_every_steps":
+            a = "trainer.eval_every_steps=5"
+        elif key == "trainer.eval_every_seconds" and value != "null":
+            continue
+        out.append(a)
+    if "trainer.time_budget=null" in out:
+        return [*out, "trainer.progress=false"]
+    return [*out, *TRAIN_BUDGET]
+
+
+def rewrite(command: str, repo: Path) -> list[str]:
+    """The command to run for a README command (argv), with small budgets and placeholders."""
+    if "<time>" in command:  # the newest plain multirun (train.py -m: multirun/<date>_<time>)
+        stamped = [p for p in (repo / "multirun").iterdir() if re.fullmatch(STAMP, p.name)]
+        command = command.replace("multirun/<time>", str(max(stamped, key=os.path.getmtime)))
+    argv = shlex.split(command)
+    env_prefix = []
+    while "=" in argv[0] and not argv[0].startswith("-"):
+        env_prefix.append(argv.pop(0))
+    if argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        split = argv.index("train.py") + 1
+        return env_prefix + argv[:split] + small(argv[split:])
+    if argv[0] == "jupyter":
+        return env_prefix + [sys.executable, "-m", "jupyter", *argv[1:]]
+    assert argv[0] == "python", f"a README command that no rule knows: {command}"
+    script, args = argv[1], argv[2:]
+    python = [sys.executable, script]
+    if script == "train.py":
+        return env_prefix + python + small(args)
+    if script == "scripts/time_to_loss.py":
+        if "--seeds" in args:
+            i = args.index("--seeds")
+            end = i + 1
+            while end < len(args) and args[end].isdigit():
+                end += 1
+            args = args[:i] + args[end:]
+        rest = [a for a in args if "=" in a and not a.startswith("-")]
+        flags = [a for a in args if a not in rest]
+        return env_prefix + python + flags + ["--seeds", "0"] + small(rest)
+    if script == "scripts/variance_reduction.py":
+        if "--train" not in args:
+            return env_prefix + python + args
+        rest = [a for a in args if "=" in a and not a.startswith("-")]
+        flags = [a for a in args if a not in rest]
+        return env_prefix + python + flags + small(rest)
+    if script == "scripts/benchmark_step.py":
+        return env_prefix + python + args + ["--presets", "fashion_mnist_mlp", "--reps", "2"]
+    if script == "scripts/fashion_mnist_png.py":
+        return env_prefix + python + args + ["--train-size", "1000", "--test-size", "200"]
+    if script == "scripts/aggregate.py":
+        return env_prefix + python + args
+    raise AssertionError(f"a README command that no rule knows: {command}")
+
+
+def skipped(command: str) -> str | None:
+    for pattern, reason in SKIP:
+        if re.search(pattern, command):
+            return reason
+    return None
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the repository as a clone has it (tracked files only), results/ included."""
+    copy = tmp_path_factory.mktemp("readme") / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = copy / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return copy
+
+
+def test_every_readme_command_is_run_or_excused_for_a_reason():
+    unknown = []
+    for command in commands():
+        if skipped(command):
+            continue
+        try:
+            argv = shlex.split(command)
+            while "=" in argv[0]:
+                argv.pop(0)
+            assert argv[0] in ("python", "torchrun", "jupyter")
+        except AssertionError:
+            unknown.append(command)
+    assert not unknown, "README commands with no rule in tests/test_readme_commands.py"
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(repo):
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "IS_DATA_DIR": str(ROOT / "data"),  # the Fashion-MNIST copy, shared
+        "PYTHONPATH": str(repo / "src"),
+    }
+    ran, failed = 0, []
+    for command in commands():
+        if skipped(command):
+            continue
+        argv = rewrite(command, repo)
+        env_prefix = {}
+        while "=" in argv[0] and not argv[0].startswith("/"):
+            key, _, value = argv.pop(0).partition("=")
+            env_prefix[key] = value
+        proc = subprocess.run(
+            argv,
+            cwd=repo,
+            env={**env, **env_prefix},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        ran += 1
+        if proc.returncode != 0:
+            failed.append(f"{command}\n  ran: {shlex.join(argv)}\n  {proc.stderr[-1500:]}")
+    assert ran >= 25
+    assert not failed, "\n\n".join(failed)
