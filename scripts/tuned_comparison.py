@@ -147,7 +147,6 @@ def run_all(
                     for _, other in running:
                         other.terminate()
                         other.wait()
-                    progress.close()
                     raise RuntimeError(
                         f"the run in {run_dir} failed before training (exit {proc.returncode}); "
                         f"its output is at the end of {log_path}"
@@ -233,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("sampler=", "optimizer.lr=", "trainer.lr_schedule=", "seed=", "dataset.validation"):
         if any(a.startswith(key) for a in extra):
             parser.error(f"{key.rstrip('=')} is set by the protocol: use its options instead")
+    if "uniform" not in args.samplers:
+        parser.error("--samplers must include uniform: the report compares with the tuned uniform")
     if not (ROOT / "conf" / "experiment" / f"{args.experiment}.yaml").is_file():
         print(f"error: no preset conf/experiment/{args.experiment}.yaml", file=sys.stderr)
         return 1

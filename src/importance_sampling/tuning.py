@@ -153,11 +153,8 @@ def choose(selection: pd.DataFrame, by: str = "error") -> pd.DataFrame:
             )
         best = usable.sort_values(list(SELECT_BY[by]), kind="stable").index[0]
         table.loc[best, "chosen"] = True
-        lrs = rows["lr"]
-        table.loc[best, "edge"] = len(set(lrs)) > 1 and table.loc[best, "lr"] in (
-            lrs.min(),
-            lrs.max(),
-        )
+        lr, lrs = table.loc[best, "lr"], rows["lr"]
+        table.loc[best, "edge"] = lrs.nunique() > 1 and lr in (lrs.min(), lrs.max())
     return table
 
 
@@ -211,7 +208,8 @@ def _time_cell(r) -> str:
 
 def selection_markdown(table: pd.DataFrame) -> str:
     """Validation error (%) of every setting: a row per sampler and schedule, a column per lr;
-    the chosen setting in bold, a diverged run as 'diverged'."""
+    the chosen setting in bold (with † at the edge of the grid), a run that did not complete as
+    its status ('failed': diverged, most often)."""
     lrs = sorted(set(table["lr"]))
     rows = []
     for sampler in analysis.samplers_in_order(table["sampler"]):
@@ -224,9 +222,8 @@ def selection_markdown(table: pd.DataFrame) -> str:
                     cells.append("")
                     continue
                 r = hit.iloc[0]
+                # a run that failed (diverged, most often) or never ended shows its status
                 cell = f"{100 * r['val_error']:.2f}" if r["status"] == "completed" else r["status"]
-                if r["status"] == "failed":
-                    cell = "diverged"
                 if r.get("chosen", False):
                     cell = f"**{cell}**" + (" †" if r.get("edge", False) else "")
                 cells.append(cell)
@@ -405,7 +402,7 @@ def protocol_markdown(protocol: dict, selection: pd.DataFrame, seeds: int, at: f
 def plot_selection(selection: pd.DataFrame, ax=None):
     """Validation error (%) at the end of each selection run against its lr: a line per sampler
     and schedule (constant: the sampler's line, filled markers; cosine: thin, open markers);
-    the chosen setting ringed; diverged runs as an x at the top."""
+    the chosen setting ringed; runs that did not complete (diverged) as an x at the top."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
@@ -441,7 +438,9 @@ def plot_selection(selection: pd.DataFrame, ax=None):
         top = ax.get_ylim()[1]
         for r in failed.itertuples():
             ax.plot(r.lr, top, "x", color=sampler_style(r.sampler)["color"], ms=8, mew=2)
-        ax.annotate("x: diverged", (0.99, 0.99), xycoords="axes fraction", ha="right", va="top")
+        ax.annotate(
+            "x: failed (diverged)", (0.99, 0.99), xycoords="axes fraction", ha="right", va="top"
+        )
     ax.set_xscale("log")
     lrs = sorted(set(selection["lr"]))
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
