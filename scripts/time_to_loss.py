@@ -100,8 +100,11 @@ class SweepProgress:
     done (summary.json), the runs in progress (how far each is), and the time left. The jobs'
     result lines (from the sweep's log) are printed above the bar as they come."""
 
-    def __init__(self, sweep_dir: Path, total: int, log: Path):
-        self.sweep_dir, self.total, self.log = sweep_dir, total, log
+    def __init__(
+        self, sweep_dir: Path, total: int, log: Path, pattern: str = "*/.hydra/config.yaml"
+    ):
+        # pattern: where the runs' configs are under sweep_dir (tuned_comparison.py: two levels)
+        self.sweep_dir, self.total, self.log, self.pattern = sweep_dir, total, log, pattern
         self.budgets: dict[Path, dict] = {}
         self.log_offset = 0
         self.bar = tqdm(
@@ -119,7 +122,7 @@ class SweepProgress:
 
     def poll(self) -> None:
         started = sorted(
-            p.parent.parent for p in self.sweep_dir.glob("*/.hydra/config.yaml")
+            p.parent.parent for p in self.sweep_dir.glob(self.pattern)
         )  # a job writes its config first
         done = [r for r in started if (r / "summary.json").is_file()]
         running = [r for r in started if not (r / "summary.json").is_file()]

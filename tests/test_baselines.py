@@ -232,3 +232,54 @@ def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert {"tau_threshold", "cost_step_ms", "cost_score_ms"} <= set(rows[0])
     assert float(rows[-1]["tau_threshold"]) > 1 and float(rows[-1]["cost_score_ms"]) > 0
+
+
+@pytest.mark.parametrize("anneal", [0.875, 0.9])
+def test_infobatch_anneals_at_the_right_pass_of_a_pass_budget(anneal, compose, tmp_path):
+    """trainer.max_passes=10 (the InfoBatch paper's budget): the sampler takes its progress from
+    the trainer, pass k starts at exactly k / 10 of it, so passes 1-8 prune (pass 0 has no loss
+    to prune by), pass 9 starts at 0.9 >= anneal and trains on everything, and the run stops
+    after exactly 10 passes of full batches (a pass's last partial batch is dropped)."""
+    from importance_sampling import builder
+
+    started = []
+    original = InfoBatchSampler.new_pass
+
+    def spy(self):
+        original(self)
+        started.append((self.completed, self.pruned, len(self.share), self.pass_progress()))
+
+    cfg = compose(
+        "sampler=infobatch",
+        "sampler.batch_size=32",
+        f"sampler.anneal={anneal}",
+        "trainer.time_budget=null",
+        "trainer.max_passes=10",
+        "trainer.eval_every_seconds=null",
+        "trainer.eval_every_steps=100",
+        "trainer.progress=false",
+        "threads=1",
+    )
+    InfoBatchSampler.new_pass = spy
+    try:
+        summary = builder.run(cfg, tmp_path)
+    finally:
+        InfoBatchSampler.new_pass = original
+    assert [p for p, *_ in started] == list(range(10))  # no 11th pass is begun
+    assert [progress for *_, progress in started] == pytest.approx([k / 10 for k in range(10)])
+    assert [p for p, pruned, *_ in started if pruned] == list(range(1, 9))
+    assert started[9][1] == 0 and started[9][2] == 1437
+    assert summary["samples"] == sum(32 * (kept // 32) for _, _, kept, _ in started)
+
+
+def test_infobatch_at_equal_passes_preset(compose):
+    cfg = compose("experiment=fashion_mnist_mlp_infobatch")
+    assert cfg.sampler._target_.endswith("InfoBatchSampler") and cfg.sampler.anneal == 0.875
+    assert (cfg.trainer.max_passes, cfg.trainer.time_budget) == (10, None)
+    assert cfg.optimizer.lr == 0.05 and cfg.model.hidden_sizes == [256, 256]
+    assert (
+        compose("experiment=fashion_mnist_mlp_infobatch", "sampler=uniform").sampler.get(
+            "prune_ratio"
+        )
+        is None
+    )  # the preset sets no InfoBatch option: any sampler runs at equal passes

@@ -296,7 +296,8 @@ def speedup(ttl: pd.DataFrame, baseline: str = "uniform") -> pd.DataFrame:
 
     Columns: target, sampler, runs, reached, time_median/min/max (over the runs that reached the
     target), censored_at (the shortest run's last train_time), speedup_median/min/max,
-    speedup_bound, pairs (the seeds compared).
+    speedup_bound, pairs (the seeds compared), speedup_gmean and speedup_ci_low/high (the
+    geometric mean of the per-seed ratios and its 95% interval, ``log_ratio_interval``).
     """
     out = []
     for target, at_target in ttl.groupby("target", sort=False):
@@ -314,6 +315,7 @@ def speedup(ttl: pd.DataFrame, baseline: str = "uniform") -> pd.DataFrame:
                 for r, rb in zip(pairs["reached"], pairs["reached_base"], strict=True)
             } - {"="}
             reached = mine[mine["reached"]]["time"]
+            gmean, low, high = log_ratio_interval(ratios)
             out.append(
                 {
                     "target": target,
@@ -329,6 +331,9 @@ def speedup(ttl: pd.DataFrame, baseline: str = "uniform") -> pd.DataFrame:
                     "speedup_max": float(ratios.max()) if len(ratios) else math.nan,
                     "speedup_bound": kinds.pop() if len(kinds) == 1 else "?" if kinds else "=",
                     "pairs": len(ratios),
+                    "speedup_gmean": gmean,
+                    "speedup_ci_low": low,
+                    "speedup_ci_high": high,
                 }
             )
     return pd.DataFrame(out)
@@ -353,6 +358,81 @@ def round_up(x: float, digits: int = 2) -> float:
         return x
     scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
     return round(math.ceil(round(x / scale, 9)) * scale, 12)
+
+
+# ---------------------------------------------------------------- intervals over seeds
+def log_ratio_interval(ratios: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(geometric mean, low, high) of per-seed ratios r_s: a Student-t interval on the mean of
+    log r_s, exp(mean ± t_{n-1} sd / sqrt(n)), from the seeds' spread alone (no resampling: with
+    3 seeds a bootstrap has 10 distinct resamples and understates the spread). Non-finite or
+    non-positive ratios are left out; the interval is NaN with fewer than 2 ratios."""
+    from scipy import stats
+
+    logs = np.log(np.asarray([r for r in ratios if math.isfinite(r) and r > 0], dtype=float))
+    if len(logs) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(logs.mean())
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def paired_ratios(
+    values: pd.DataFrame, metric: str, baseline: str = "uniform", level: float = 0.95
+) -> pd.DataFrame:
+    """Per sampler: ``metric`` over the baseline's, seed by seed (``values``: one row per run with
+    ``sampler``, ``seed`` and the metric, e.g. ``at_time`` output), as the geometric mean of the
+    per-seed ratios and its interval (``log_ratio_interval``). Columns: sampler, pairs,
+    ratio_gmean, ratio_ci_low, ratio_ci_high."""
+    base = values[values["sampler"] == baseline].set_index("seed")[metric]
+    out = []
+    for sampler in samplers_in_order(values["sampler"]):
+        mine = values[values["sampler"] == sampler].set_index("seed")[metric]
+        pairs = pd.concat([mine, base], axis=1, join="inner", keys=["mine", "base"]).dropna()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = (pairs["mine"] / pairs["base"]).to_numpy(dtype=float)
+        gmean, low, high = log_ratio_interval(ratios, level)
+        out.append(
+            {
+                "sampler": sampler,
+                "pairs": len(pairs),
+                "ratio_gmean": gmean,
+                "ratio_ci_low": low,
+                "ratio_ci_high": high,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------- time to a test accuracy
+def accuracy_to_error(accuracy: float) -> float:
+    """1 - accuracy, rounded to 12 decimals so that an error of exactly 0.1 reaches a target
+    accuracy of 0.9 (1 - 0.9 is 0.09999999999999998 in floating point)."""
+    return round(1.0 - float(accuracy), 12)
+
+
+def time_to_accuracy(
+    runs: pd.DataFrame, accuracies: float | Sequence[float], metric: str = "test_error"
+) -> pd.DataFrame:
+    """``time_to_loss`` for target accuracies: the first train_time at which the error
+    ``metric`` (test_error: the evaluation split's) falls to 1 - accuracy or below, with the same
+    interpolation and censoring. ``target`` is the error; ``accuracy`` is added."""
+    accuracies = [accuracies] if np.isscalar(accuracies) else list(accuracies)
+    table = time_to_loss(runs, [accuracy_to_error(a) for a in accuracies], metric)
+    table.insert(table.columns.get_loc("target"), "accuracy", 1.0 - table["target"])
+    return table
+
+
+def default_accuracy_targets(
+    runs: pd.DataFrame, baseline: str = "uniform", factors: Sequence[float] = (1.2, 1.1, 1.0)
+) -> list[float]:
+    """Target accuracies every ``baseline`` run reaches: 1 - its worst final test error (rounded
+    up to 3 significant digits) times each factor, e.g. a worst final error of 11.1% gives
+    86.6%, 87.7% and 88.9%. Falls back on all runs if there is no baseline."""
+    base = runs[runs["sampler"] == baseline] if (runs["sampler"] == baseline).any() else runs
+    final = base.sort_values("train_time").groupby("run")["test_error"].last().max()
+    return [round(1.0 - round_up(final * f, 3), 12) for f in factors]
 
 
 # ---------------------------------------------------------------- equal train_time
@@ -538,11 +618,18 @@ def censored_patch():
     )
 
 
-def plot_time_to_loss(table: pd.DataFrame, ax=None, legend: bool = True):
+def plot_time_to_loss(
+    table: pd.DataFrame,
+    ax=None,
+    legend: bool = True,
+    xlabel: str = "target training loss",
+    labels: Sequence[str] | None = None,
+):
     """Bars of the median time to each target per sampler (``speedup`` output), with min-max
     whiskers over the runs that reached it. A sampler none of whose runs reached a target gets a
     hatched bar in its colour up to its budget (censored); ``k/n`` over a bar says that only k of
-    its n runs reached the target."""
+    its n runs reached the target. ``labels``: the targets' tick labels (default: their values),
+    e.g. accuracies in % for ``time_to_accuracy`` targets, with ``xlabel`` to match."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
@@ -584,8 +671,8 @@ def plot_time_to_loss(table: pd.DataFrame, ax=None, legend: bool = True):
                     rotation=90,
                     fontsize=7,
                 )
-    ax.set_xticks(np.arange(len(targets)), [f"{t:g}" for t in targets])
-    ax.set_xlabel("target training loss")
+    ax.set_xticks(np.arange(len(targets)), labels or [f"{t:g}" for t in targets])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("train_time to reach it (s), median over seeds")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
     ax.grid(alpha=0.3, axis="y")

@@ -413,7 +413,12 @@ class InfoBatchSampler(Sampler):
     def passes(self) -> float:
         if self.share is None:
             return 0.0
-        return self.completed + self.cursor / max(len(self.share), 1)
+        if self.cursor + self.batch_r > len(self.share):
+            # what is left is less than a batch and is dropped: this pass is over. Counted so,
+            # a pass budget stops after exactly that many passes, and the next pass starts at
+            # progress k / passes exactly (pruned or annealed as pass k, not as a step before)
+            return float(self.completed + 1)
+        return self.completed + self.cursor / len(self.share)
 
     def select(self, model, presample, loss_fn, more=None) -> Selection:
         # the weights as they were when the batch was drawn (a loader draws ahead, maybe into

@@ -43,6 +43,9 @@ class TensorDataset:
     num_classes: int
     # Random training-time augmentation of a batch on its device: (x, generator) -> x.
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
+    # What test_x, test_y hold: "test", or "validation" (points carved out of the training set
+    # by hold_out_validation: the test set is then not in the dataset at all)
+    eval_split: str = "test"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,7 +65,7 @@ class TensorDataset:
 
     def __repr__(self) -> str:
         return (
-            f"{self.name}: {len(self.train_x)} train / {len(self.test_x)} test, "
+            f"{self.name}: {len(self.train_x)} train / {len(self.test_x)} {self.eval_split}, "
             f"inputs {self.input_shape}, {self.num_classes} classes"
         )
 
@@ -75,6 +78,7 @@ class TensorDataset:
             TensorItems(self.test_x, self.test_y),
             self.num_classes,
             self.input_shape,
+            self.eval_split,
         )
 
 
@@ -99,7 +103,8 @@ class TensorItems(Dataset):
 class StreamingDataset:
     """A dataset read through a DataLoader: map-style datasets that return (x, y) tensors.
     ``train`` applies the training-time augmentation; ``train_eval`` holds the same points
-    without it (train_loss is measured on them); ``test`` is the test split."""
+    without it (train_loss is measured on them); ``test`` is the evaluation split: the test set,
+    or a validation split (``eval_split``, see hold_out_validation)."""
 
     name: str
     train: Dataset
@@ -107,13 +112,14 @@ class StreamingDataset:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]
+    eval_split: str = "test"
 
     def __len__(self) -> int:
         return len(self.train)
 
     def __repr__(self) -> str:
         return (
-            f"{self.name} (streamed): {len(self.train)} train / {len(self.test)} test, "
+            f"{self.name} (streamed): {len(self.train)} train / {len(self.test)} {self.eval_split}, "
             f"inputs {self.input_shape}, {self.num_classes} classes"
         )
 
@@ -590,4 +596,66 @@ def image_folder(
         *load(test_ds, test_idx),
         len(classes),
         RandomCropFlip(image_size // 8) if augment else None,
+    )
+
+
+# ------------------------------------------------------------------ a validation split
+def validation_count(size: int | float, num_train: int) -> int:
+    """Points of a validation split: ``size`` points (an integer >= 1) or that fraction of the
+    ``num_train`` training points (a float in (0, 1)); at least one training point must be left."""
+    if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
+        raise ValueError(
+            f"dataset.validation_size must be a number of points (>= 1), a fraction in (0, 1) "
+            f"or null, got {size!r}"
+        )
+    count = round(size * num_train) if size < 1 else size
+    if count != int(count) or not 1 <= count < num_train:
+        raise ValueError(
+            f"dataset.validation_size={size} must leave training points and be a whole number of "
+            f"points: the training set has {num_train} (e.g. dataset.validation_size=0.1)"
+        )
+    return int(count)
+
+
+def validation_indices(num_train: int, size: int | float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(train, validation) indices into a training set of ``num_train`` points: a random split,
+    fixed by ``seed`` alone (not by the run's seed: every run of a sweep sees the same split),
+    both sorted."""
+    count = validation_count(size, num_train)
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
+    return order[count:].sort().values, order[:count].sort().values
+
+
+def hold_out_validation(
+    data: TensorDataset | StreamingDataset, size: int | float, seed: int = 0
+) -> TensorDataset | StreamingDataset:
+    """The dataset with ``size`` training points (or that fraction) moved to a validation split
+    that takes the test set's place: training runs on the rest, and the evaluation rows report on
+    the validation points (``eval_split == "validation"``). The test set is left out of the
+    returned dataset entirely, so nothing that trains or evaluates on it can read the test set:
+    learning rates and schedules chosen on it never see the test data.
+
+    The inputs keep the normalisation computed when the data was loaded (one mean and std over
+    the whole training set, validation points included: no label information, and the test set
+    is never part of it)."""
+    if data.eval_split != "test":
+        raise ValueError("the dataset already has a validation split")
+    if isinstance(data, StreamingDataset):
+        train_idx, val_idx = validation_indices(len(data.train), size, seed)
+        keep, held = train_idx.tolist(), val_idx.tolist()
+        return replace(
+            data,
+            train=Subset(data.train, keep),
+            train_eval=Subset(data.train_eval, keep),
+            test=Subset(data.train_eval, held),  # without the training augmentation
+            eval_split="validation",
+        )
+    train_idx, val_idx = validation_indices(len(data.train_x), size, seed)
+    return replace(
+        data,
+        train_x=data.train_x[train_idx],
+        train_y=data.train_y[train_idx],
+        test_x=data.train_x[val_idx],
+        test_y=data.train_y[val_idx],
+        eval_split="validation",
     )

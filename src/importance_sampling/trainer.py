@@ -385,6 +385,8 @@ class Trainer:
                 "error": error,
                 "sampler": self.sampler.name,
                 "dataset": self.data.name,
+                # test_loss / test_error are on this split: "test" or "validation"
+                "eval_split": getattr(self.data, "eval_split", "test"),
                 "device": str(self.device),
                 "importance_steps": self.importance_steps,
                 "best_test_error": min((r["test_error"] for r in self.rows), default=None),
