@@ -32,6 +32,14 @@ SKIP = [  # (pattern, reason)
     (r"device=cuda|--scale gpu|nproc_per_node=8|--nnodes", "needs GPUs or several nodes"),
     (r"experiment=(cifar10|cifar100)_wrn(?!.*scale=cpu)", "needs the CIFAR download and a GPU"),
     (r"experiment=finetune_resnet(?!.*scale=cpu)", "needs MIT67 or ImageNet and GPUs"),
+    (
+        r"^git clone|^sed -i .*InfoBatch",
+        "the official InfoBatch code, from GitHub (outside the repo)",
+    ),
+    (
+        r"tuned_comparison\.py fashion_mnist_(mlp|cnn)(?!.*--report-only)",
+        "the whole protocol takes hours; the README's tiny digits command runs the same code",
+    ),
 ]
 
 
@@ -118,8 +126,8 @@ def rewrite(command: str, repo: Path) -> list[str]:
         return env_prefix + python + args + ["--presets", "fashion_mnist_mlp", "--reps", "2"]
     if script == "scripts/fashion_mnist_png.py":
         return env_prefix + python + args + ["--train-size", "1000", "--test-size", "200"]
-    if script == "scripts/aggregate.py":
-        return env_prefix + python + args
+    if script in ("scripts/aggregate.py", "scripts/tuned_comparison.py"):
+        return env_prefix + python + args  # the tiny protocol and --report-only, as written
     raise AssertionError(f"a README command that no rule knows: {command}")
 
 
