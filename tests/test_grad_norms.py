@@ -402,4 +402,6 @@ def test_uniform_steps_of_the_gradient_norm_sampler_take_tau_from_their_own_back
     monkeypatch.setattr(samplers, "gradient_norm_scores", None)  # an extra pass would fail
     trainer.train_step()
     exact = gradient_norm_scores(before, data.train_x[batch], data.train_y[batch], cross_entropy)
-    assert sampler.tau == pytest.approx(tau_from_sums(score_sums(exact)).item(), rel=1e-5)
+    assert sampler.tau == pytest.approx(
+        tau_from_sums(score_sums(exact), len(exact)).item(), rel=1e-5
+    )

@@ -146,15 +146,15 @@ def test_tau_from_score_sums_is_b_sum_g_squared_and_adds_up_over_ranks():
     g = importance_probabilities(scores).double()
     for kind in ("variance", "std"):
         torch.testing.assert_close(
-            tau_from_sums(score_sums(scores), kind),
+            tau_from_sums(score_sums(scores), len(scores), kind),
             equivalent_batch_increment(g, kind).double(),
         )
         halves = score_sums(scores[:3]) + score_sums(scores[3:])  # two ranks' sums, added
         torch.testing.assert_close(
-            tau_from_sums(halves, kind), tau_from_sums(score_sums(scores), kind)
+            tau_from_sums(halves, 6, kind), tau_from_sums(score_sums(scores), 6, kind)
         )
-    assert tau_from_sums(score_sums(torch.zeros(5))).item() == 1.0  # all zero: uniform
-    assert tau_from_sums(score_sums(torch.tensor([1.0, float("nan")]))).isnan()
+    assert tau_from_sums(score_sums(torch.zeros(5)), 5).item() == 1.0  # all zero: uniform
+    assert tau_from_sums(score_sums(torch.tensor([1.0, float("nan")])), 2).isnan()
 
 
 def test_epoch_order_is_a_seeded_permutation_per_epoch_for_any_batch_size():

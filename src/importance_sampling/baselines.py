@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .distributed import Distributed
 from .order import mix_seed, shard
 from .samplers import ImportanceSampler, Presample, Sampler, Selection, eval_mode
+from .sampling import tau_from_sums
 from .scores import LossFn, loss_scores, upper_bound_scores
 
 
@@ -223,9 +224,9 @@ class HistorySampler(ImportanceSampler):
         probs = super().distribution(scores)
         return (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
 
-    def tau_hat(self, sums: Tensor) -> Tensor:
+    def tau_hat(self, sums: Tensor, n: int) -> Tensor:
         # B sum p^2 of the mixture p = (1 - m) g + m / B is (1 - m)^2 B sum g^2 + 1 - (1 - m)^2
-        variance = super().tau_hat(sums).pow(2) if self.tau_kind == "std" else super().tau_hat(sums)
+        variance = tau_from_sums(sums, n)
         keep = (1 - self.uniform_mix) ** 2
         mixed = keep * variance + 1 - keep
         return mixed.sqrt() if self.tau_kind == "std" else mixed

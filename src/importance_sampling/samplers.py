@@ -346,9 +346,10 @@ class ImportanceSampler(Sampler):
         a score was not finite (``draw`` guards against it without a host synchronisation)."""
         return importance_probabilities(scores, self.smoothing, check=False)
 
-    def tau_hat(self, sums: Tensor) -> Tensor:
-        """tau_hat of the distribution from ``score_sums`` of the (combined) presample."""
-        return tau_from_sums(sums, self.tau_kind)
+    def tau_hat(self, sums: Tensor, n: int) -> Tensor:
+        """tau_hat of the distribution from ``score_sums`` of the n points of the (combined)
+        presample."""
+        return tau_from_sums(sums, n, self.tau_kind)
 
     # ---------------------------------------------------------------- the step
     def select(
@@ -374,7 +375,7 @@ class ImportanceSampler(Sampler):
         No host synchronisation: unusable scores are recorded in ``finite`` and replaced by the
         uniform distribution, so the draw itself stays valid."""
         probs = self.distribution(scores)
-        valid = torch.isfinite(probs).all() & (scores.min() >= 0)
+        valid = (probs >= 0).all()  # False for a NaN (a non-finite score) or a negative score
         self.finite &= valid
         probs = torch.where(valid, probs, 1.0 / len(probs))
         tau_hat = self.update_tau(scores)
@@ -385,8 +386,9 @@ class ImportanceSampler(Sampler):
     def update_tau(self, scores: Tensor) -> Tensor:
         """Fold tau_hat of these scores, summed over all ranks, into the switch; returns tau_hat."""
         sums = self.dist.all_reduce_(score_sums(scores, self.smoothing))
-        self.finite &= torch.isfinite(sums).all()
-        tau_hat = self.tau_hat(sums)
+        # every rank scores as many points: n is known without communicating it
+        tau_hat = self.tau_hat(sums, len(scores) * self.dist.world_size)
+        self.finite &= torch.isfinite(tau_hat)  # NaN when a score was NaN or infinite
         self.switch.update(tau_hat)
         return tau_hat
 

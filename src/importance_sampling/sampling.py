@@ -81,20 +81,21 @@ def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Ten
 
 
 def score_sums(scores: Tensor, smoothing: float = 0.0) -> Tensor:
-    """[sum_i s_i, sum_i s_i^2, n] of (smoothed) scores, float64 (3,): what tau needs, and what
-    data-parallel ranks add up (one all-reduce) to agree on tau over their combined presample."""
-    s = scores.double() + smoothing
-    return torch.stack(
-        [s.sum(), s.pow(2).sum(), torch.tensor(len(s), dtype=s.dtype, device=s.device)]
-    )
+    """[sum_i s_i, sum_i s_i^2] of (smoothed) scores (2,): what tau needs besides the number of
+    scores, and what data-parallel ranks add up (one all-reduce of two numbers) to agree on tau
+    over their combined presample."""
+    s = scores.float()
+    if smoothing:
+        s = s + smoothing
+    return torch.stack([s.sum(), s.square().sum()]).double()
 
 
-def tau_from_sums(sums: Tensor, kind: TauKind = "variance") -> Tensor:
-    """tau_hat = n sum s^2 / (sum s)^2 = B sum_i g_i^2 over the scores summed in ``sums``
+def tau_from_sums(sums: Tensor, n: int, kind: TauKind = "variance") -> Tensor:
+    """tau_hat = n sum s^2 / (sum s)^2 = B sum_i g_i^2 over the n scores summed in ``sums``
     (``score_sums``, possibly added up over ranks); 1 (uniform) when every score is 0.
     A 0-dim tensor; NaN when a score was NaN or infinite."""
-    total, squares, n = sums[0], sums[1], sums[2]
-    tau = torch.where(total == 0, torch.ones_like(total), n * squares / total.pow(2))
+    total, squares = sums[0], sums[1]
+    tau = torch.where(total == 0, 1.0, n * squares / total.square())
     return tau.sqrt() if kind == "std" else tau
 
 
