@@ -159,7 +159,7 @@ def ddp(args) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, cmd in runs.items():
-        run_dir = out / name.replace(" ", "_").replace(",", "")
+        run_dir = out / "".join(c if c.isalnum() else "_" for c in name)
         subprocess.run([*cmd, *common, f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
         s = json.loads((run_dir / "summary.json").read_text())
         lines.append(
