@@ -19,7 +19,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from importance_sampling.builder import ConfigError, run  # noqa: E402
 from importance_sampling.data import DataError  # noqa: E402
@@ -28,6 +30,7 @@ from importance_sampling.distributed import (  # noqa: E402
     launched_ranks,
     shared_run_stamp,
 )
+from importance_sampling.schema import config_error_line  # noqa: E402
 from importance_sampling.trainer import CheckpointError, TrainingError  # noqa: E402
 
 
@@ -46,6 +49,24 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
+def main_with_one_line_errors() -> None:
+    """main(), with Hydra's composition errors (an option of the wrong type, a key or a group
+    option that does not exist, a malformed override) as one line instead of Hydra's report.
+    HYDRA_FULL_ERROR=1 makes Hydra raise them here; a user who set it gets the traceback."""
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if wants_traceback:
+            raise
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if not wants_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 def prepare_ranks() -> None:
     """Several processes of one run (torchrun): the same run directory on every rank (rank 0's
     clock names it), and Hydra's files and logs from rank 0 only."""
@@ -59,6 +80,6 @@ def prepare_ranks() -> None:
 if __name__ == "__main__":
     prepare_ranks()
     try:
-        main()
+        main_with_one_line_errors()
     finally:
         close_ranks()

@@ -8,10 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import typing
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+from importance_sampling import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +51,7 @@ BAD_INPUTS = [
     (["optimizer.lr=-0.1"], "optimizer: Invalid learning rate: -0.1"),
     (["trainer.time_budget=0"], "trainer.time_budget must be a number > 0, got 0"),
     (["trainer.time_budget=-5"], "trainer.time_budget must be a number > 0, got -5"),
-    (["trainer.time_budget=abc"], "trainer.time_budget must be a number > 0, got 'abc'"),
+    (["trainer.time_budget=abc"], "trainer.time_budget must be a number or null, got 'abc'"),
     (["trainer.max_steps=0"], "trainer.max_steps must be a number > 0"),
     (["trainer.eval_every_seconds=0"], "trainer.eval_every_seconds must be a number > 0"),
     (["trainer.eval_every_steps=-1"], "trainer.eval_every_steps must be a number > 0"),
@@ -60,7 +65,18 @@ BAD_INPUTS = [
     ),
     (["trainer.checkpoint_unit=hours"], "trainer.checkpoint_unit must be seconds or steps"),
     (["trainer.amp=maybe"], "trainer.amp must be auto, true or false"),
-    (["trainer.warmup=3"], "Could not override 'trainer.warmup'"),
+    (["trainer.warmup=3"], "trainer.warmup is not an option: trainer has time_budget, max_steps"),
+    (["+trainer.warmup=3"], "trainer.warmup is not an option: trainer has time_budget, max_steps"),
+    (["optimizer.lr=abc"], "optimizer.lr must be a number, got 'abc'"),
+    (["sampler.batch_size=1.5"], "sampler.batch_size must be an integer, got 1.5"),
+    (["model.hidden_sizes=[64,x]"], "model.hidden_sizes[1] must be an integer, got 'x'"),
+    (["dataset.download=true"], "dataset.download is not an option: dataset has"),
+    (["trainer.resume=maybe"], "trainer.resume must be true, false or must, got 'maybe'"),
+    (
+        ["sampler.tau_threshold=abc"],
+        "sampler.tau_threshold must be a number, auto or null, got 'abc'",
+    ),
+    (["trainer.max_steps=[1]"], "trainer.max_steps"),
     (["device=cuda:7"], "device: cuda:7 was asked for"),
     (["threads=0"], "threads must be a positive integer or null, got 0"),
     (["model._target_=torch.nn.Linear"], "model: "),
@@ -71,22 +87,35 @@ BAD_INPUTS = [
 ]
 
 
-def run_main(argv, tmp_path, monkeypatch, capsys):
-    """Run train.py in this process as the command line would (faster than a subprocess)."""
+def run_main(argv, tmp_path, monkeypatch, capsys, run_dir=None, out=False):
+    """Run train.py in this process as the command line would (faster than a subprocess); the
+    exit code and stderr (and stdout with ``out``). Exit code 0 when train.py returns."""
     import runpy
 
     from hydra.core.global_hydra import GlobalHydra
 
+    run_dir = run_dir or tmp_path / "run"
     monkeypatch.setenv("IS_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(
         sys,
         "argv",
-        ["train.py", *argv, f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=false"],
+        ["train.py", *argv, f"hydra.run.dir={run_dir}", "trainer.progress=false"],
     )
     GlobalHydra.instance().clear()
-    with pytest.raises(SystemExit) as exit_info:
+    code = 0
+    try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return (code, captured.out, captured.err) if out else (code, captured.err)
+
+
+def one_line(err: str) -> str:
+    """The single line of stderr (fails if there are more: a message is one line)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
@@ -96,10 +125,105 @@ def test_bad_input_fails_before_training_with_a_readable_message(
     if "cuda" in argv[0] and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     code, err = run_main(argv, tmp_path, monkeypatch, capsys)
-    assert code == 1
-    assert message in err
-    assert "Traceback" not in err
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+    if "apt-get" in message:  # missing data: the commands that get it, one per line (data.py)
+        assert message in err
+    else:
+        assert message in one_line(err)
     assert not (tmp_path / "run" / "metrics.csv").exists()  # nothing was trained
+
+
+# ------------------------------------------------------------------ wrong types, from the schemas
+def numeric_fields(node_type: type) -> list[tuple[str, str, str]]:
+    """(key, bad value, what the message says after the key) for every numeric option of a
+    schema: the types OmegaConf checks (int, float, their lists, nullable) and the options that
+    take a number or a word."""
+    cases = []
+    for f in fields(node_type):
+        hint = typing.get_type_hints(node_type)[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        nullable = type(None) in typing.get_args(hint)
+        base = args[0] if nullable else hint
+        kinds = f.metadata.get("kinds", ())
+        if typing.get_origin(base) is list and typing.get_args(base)[0] in (int, float):
+            word = "an integer" if typing.get_args(base)[0] is int else "a number"
+            cases.append((f.name, "[abc]", f"[0] must be {word}, got 'abc'"))
+        elif base is int:
+            cases.append((f.name, "1.5", f" must be an integer{' or null' * nullable}, got 1.5"))
+        elif base is float:
+            cases.append((f.name, "abc", f" must be a number{' or null' * nullable}, got 'abc'"))
+        elif float in kinds:
+            cases.append((f.name, "abc", " must be a number, auto or null, got 'abc'"))
+    return cases
+
+
+def wrong_type_cases() -> list[tuple[list[str], str, str, str]]:
+    """(group choice, key, bad value, expected) for every numeric key of every schema: each
+    group's options (one per schema) and the sections of config.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    cases, seen = [], set()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for group in ("dataset", "model", "sampler", "optimizer", "logger"):
+            for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
+                node_type = OmegaConf.get_type(compose("config", [f"{group}={option}"])[group])
+                if is_dataclass(node_type) and node_type not in seen:
+                    seen.add(node_type)
+                    cases += [
+                        ([f"{group}={option}"], f"{group}.{key}", bad, expected)
+                        for key, bad, expected in numeric_fields(node_type)
+                    ]
+    for section, node_type in [
+        ("", schema.Config),
+        ("trainer.", schema.TrainerConf),
+        ("loader.", schema.LoaderConf),
+        ("variance.", schema.VarianceConf),
+    ]:
+        cases += [([], f"{section}{key}", bad, exp) for key, bad, exp in numeric_fields(node_type)]
+    return cases
+
+
+WRONG_TYPES = wrong_type_cases()
+
+
+def test_every_group_and_section_has_wrong_type_cases():
+    """The generated table covers each schema (a schema with no numeric option needs none)."""
+    keys = {key for _, key, _, _ in WRONG_TYPES}
+    for expected in (
+        "dataset.train_size",
+        "model.hidden_sizes",
+        "sampler.tau_threshold",
+        "sampler.uniform_mix",
+        "optimizer.lr",
+        "optimizer.betas",
+        "seed",
+        "trainer.lr_milestones",
+        "loader.num_workers",
+        "variance.chunk_size",
+    ):
+        assert expected in keys
+    assert len(WRONG_TYPES) > 60
+
+
+@pytest.mark.parametrize(
+    "choice, key, bad, expected", WRONG_TYPES, ids=[f"{k}={b}" for _, k, b, _ in WRONG_TYPES]
+)
+def test_a_value_of_the_wrong_type_names_the_key_and_the_type(
+    choice, key, bad, expected, tmp_path, monkeypatch, capsys
+):
+    code, err = run_main([*choice, f"{key}={bad}"], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 1 and line.startswith("error: ")
+    assert f"{key}{expected}" in line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.csv"))
+
+
+def test_every_option_of_every_group_sets_every_key_of_its_schema(compose):
+    """The schemas hold no values: each YAML file (with the config.yaml around it) sets them all."""
+    for group in ("dataset", "model", "sampler", "optimizer", "logger"):
+        for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
+            cfg = compose(f"{group}={option}")
+            assert OmegaConf.missing_keys(cfg) == set(), (group, option)
 
 
 def test_corrupt_dataset_files_name_the_directory(tmp_path, monkeypatch, capsys):
