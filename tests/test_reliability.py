@@ -1,9 +1,12 @@
-"""Bad inputs fail fast with one readable line; bad numbers stop cleanly; killed runs resume exactly."""
+"""Bad inputs fail fast with one readable line; bad numbers stop cleanly; unusable checkpoints
+are refused with one line and change nothing; killed runs resume exactly."""
 
 import csv
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from importance_sampling import schema
+from importance_sampling.outputs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -438,3 +442,103 @@ def test_checkpoint_loads_with_weights_only(compose, tmp_path):
     state = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True inside
     assert state["counters"]["step"] == 20 and len(state["rows"]) == 3
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+# ------------------------------------------------------------------ checkpoints that cannot be resumed
+SMALL = [
+    "trainer.time_budget=null",
+    "trainer.max_steps=20",
+    "trainer.eval_every_steps=10",
+    "trainer.eval_every_seconds=null",
+    "trainer.checkpoint_every=10",
+    "trainer.checkpoint_unit=steps",
+]
+
+
+@pytest.fixture(scope="module")
+def healthy_run(tmp_path_factory) -> Path:
+    """A finished run directory (metrics.csv, summary.json, checkpoint.pt) of the default
+    configuration: upper_bound, MLP [256, 256], SGD, digits."""
+    from hydra import compose, initialize_config_dir
+
+    from importance_sampling import builder
+
+    run = tmp_path_factory.mktemp("healthy")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [*SMALL, "trainer.progress=false"])
+    builder.run(cfg, run)
+    return run
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(100))
+    elif how == "half a checkpoint":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "another program's file":
+        torch.save({"weights": torch.ones(3), "epoch": 4}, path)
+    elif how == "two ranks":  # as a 2-process run would have written it
+        state = load_checkpoint(path)
+        state["identity"]["world_size"] = state["world_size"] = 2
+        state["ranks"] = state["ranks"] * 2
+        torch.save(state, path)
+
+
+CHECKPOINTS = [
+    # (what the checkpoint is, overrides of the resuming run, a piece of the one-line message)
+    ("random bytes", [], "is unreadable (not a checkpoint file"),
+    ("half a checkpoint", [], "is unreadable (a truncated or damaged checkpoint"),
+    ("another program's file", [], "is not a checkpoint of this project"),
+    (
+        "healthy",
+        ["model.hidden_sizes=[64]"],
+        "is from another configuration (model: MLP with net.1.weight of shape [256, 64] there, "
+        "[64, 64] here)",
+    ),
+    ("healthy", ["model=cnn"], "is from another configuration (model: MLP there, CNN here)"),
+    ("healthy", ["optimizer=adam"], "(optimizer: SGD there, Adam here)"),
+    ("healthy", ["sampler=uniform"], "(sampler: upper_bound there, uniform here)"),
+    (
+        "healthy",
+        ["dataset.train_size=1000"],
+        "(dataset: digits of 1437 training points there, digits of 1000 here)",
+    ),
+    ("two ranks", [], "is from another configuration (world size: 2 processes there, 1 here)"),
+]
+
+
+@pytest.mark.parametrize(
+    "how, overrides, message",
+    CHECKPOINTS,
+    ids=[f"{how} {' '.join(o)}".strip() for how, o, _ in CHECKPOINTS],
+)
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line_and_changes_nothing(
+    how, overrides, message, healthy_run, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(healthy_run, run)
+    damage(run / "checkpoint.pt", how)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, err = run_main([*SMALL, "trainer.resume=true", *overrides], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 1
+    assert line.startswith(f"error: {run / 'checkpoint.pt'} ") and message in line
+    assert "delete it, or point hydra.run.dir elsewhere" in line
+    assert "weights_only" not in line  # PyTorch's advice would run code from an unknown file
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_checkpoint_written_before_identities_still_resumes(
+    healthy_run, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(healthy_run, run)
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["identity"]
+    torch.save(state, run / "checkpoint.pt")
+    code, err = run_main(
+        [*SMALL, "trainer.resume=true", "trainer.max_steps=30"], tmp_path, monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert [r["step"] for r in metrics(run)] == ["0", "10", "20", "30"]

@@ -27,12 +27,15 @@ from .budget import Budget, Clock, LRSchedule
 from .data import StreamingDataset, TensorDataset
 from .order import mix_seed
 from .outputs import (
+    PROJECT,
     Callback,
+    CheckpointError,
     MetricsFile,
     ProgressBar,
     SummaryFile,
     json_safe,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     to_cpu,
 )
@@ -41,15 +44,19 @@ from .samplers import Sampler
 from .scores import LossFn, cross_entropy
 from .sources import LoaderOptions, make_source
 
+__all__ = [  # CheckpointError and load_checkpoint live in outputs.py
+    "CheckpointError",
+    "Trainer",
+    "TrainingError",
+    "evaluate",
+    "load_checkpoint",
+]
+
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or scores); metrics so far are on disk."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 @torch.inference_mode()
@@ -299,7 +306,17 @@ class Trainer:
         """Load the checkpoint when resuming; True if a run was resumed."""
         path = self.out_dir / "checkpoint.pt"
         if self.resume and path.is_file():
-            self.load_state_dict(self._read_checkpoint(path))
+            state = read_checkpoint(path, self.identity(), self.device)
+            try:
+                self.load_state_dict(state)
+            except CheckpointError:
+                raise
+            except Exception as e:  # e.g. a sampler state of other options (presample size)
+                raise CheckpointError(
+                    f"{path} does not fit this run ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}): resume with the options it was "
+                    "written with, or delete it, or point hydra.run.dir elsewhere"
+                ) from None
             if self.dist.is_main:
                 self.metrics_file.rewrite(self.rows)
                 log.info("resuming from step %d of %s", self.step, path)
@@ -387,6 +404,21 @@ class Trainer:
         "last_checkpoint",
     )
 
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this run (stored in it, compared on
+        resume): the model's class and parameter shapes, the optimizer's class, the sampler,
+        the dataset and its size, the number of ranks."""
+        return {
+            "project": PROJECT,
+            "model": type(self.model).__name__,
+            "parameters": {k: list(v.shape) for k, v in self.model.state_dict().items()},
+            "optimizer": type(self.optimizer).__name__,
+            "sampler": self.sampler.name,
+            "dataset": self.data.name,
+            "train_size": self.num_samples,
+            "world_size": self.dist.world_size,
+        }
+
     def rank_state(self) -> dict:
         """What differs between ranks: the sampler's and the source's positions and randomness."""
         state = {
@@ -404,6 +436,7 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         return {
+            "identity": self.identity(),
             "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -432,15 +465,6 @@ class Trainer:
             setattr(self, k, v)
         self.wall_offset = state["wall_time"]
         self.rows = list(state["rows"])
-
-    def _read_checkpoint(self, path: Path) -> dict:
-        try:
-            return load_checkpoint(path, self.device)
-        except Exception as e:  # unpickling errors of a damaged file come in many types
-            raise CheckpointError(
-                f"{path} is unreadable or not a checkpoint of this project "
-                f"({type(e).__name__}): delete it, or point hydra.run.dir elsewhere"
-            ) from None
 
     def save(self) -> None:
         """Write checkpoint.pt atomically (every rank takes part; rank 0 writes)."""
