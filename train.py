@@ -7,6 +7,10 @@
 
 Each run writes metrics.csv, summary.json and its composed config (.hydra/) to its run directory.
 The library (src/importance_sampling) does the work; importance_sampling.builder reads the config.
+
+Exit status: 0 done; 1 a bad option, missing data, a diverged run or an unusable checkpoint (one
+line on stderr, starting with "error:"); 128 + the signal's number when SIGTERM (143) or SIGUSR1
+(138) stopped the run, its state saved: run the same command with trainer.resume=true.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ from importance_sampling.distributed import (  # noqa: E402
     shared_run_stamp,
 )
 from importance_sampling.schema import config_error_line  # noqa: E402
-from importance_sampling.trainer import CheckpointError, TrainingError  # noqa: E402
+from importance_sampling.trainer import (  # noqa: E402
+    CheckpointError,
+    TrainingError,
+    TrainingStopped,
+)
 
 
 @hydra.main(
@@ -47,6 +55,10 @@ def main(cfg: DictConfig) -> float:
         # One readable message instead of a stack trace; metrics so far are already on disk.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except TrainingStopped as e:  # SIGTERM / SIGUSR1: saved, to be resumed
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def main_with_one_line_errors() -> None:

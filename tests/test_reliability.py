@@ -1,5 +1,5 @@
 """Bad inputs fail fast with one readable line; bad numbers stop cleanly; unusable checkpoints
-are refused with one line and change nothing; killed runs resume exactly."""
+are refused with one line and change nothing; stopped and killed runs resume exactly."""
 
 import csv
 import json
@@ -394,24 +394,34 @@ def metrics(run_dir: Path) -> list[dict]:
     return [{k: r[k] for k in COMPARED} for r in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
-@pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
-    env = {**os.environ, "IS_DATA_DIR": str(tmp_path / "data")}
-    reference = tmp_path / "reference"
-    subprocess.run(cli(reference), env=env, check=True, capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of COMMON, through train.py."""
+    tmp = tmp_path_factory.mktemp("reference")
+    env = {**os.environ, "IS_DATA_DIR": str(tmp / "data")}
+    subprocess.run(cli(tmp / "run"), env=env, check=True, capture_output=True, timeout=600)
+    return tmp / "run"
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cli(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+
+def start_and_wait_for_rows(
+    run_dir: Path, env: dict, stderr=subprocess.DEVNULL
+) -> subprocess.Popen:
+    """train.py with COMMON, returned once a mid-run checkpoint and 4 metrics rows exist."""
+    proc = subprocess.Popen(cli(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 300
-    while (
-        time.time() < deadline and proc.poll() is None
-    ):  # kill it once a mid-run checkpoint exists
-        if (killed / "checkpoint.pt").exists() and len(metrics(killed)) >= 4:
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoint.pt").exists() and len(metrics(run_dir)) >= 4:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    assert proc.poll() is None, "the run ended before it could be stopped; make it longer"
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_metrics(reference, tmp_path):
+    env = {**os.environ, "IS_DATA_DIR": str(tmp_path / "data")}
+    killed = tmp_path / "killed"
+    proc = start_and_wait_for_rows(killed, env)  # kill it once a mid-run checkpoint exists
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rows_at_kill = len(metrics(killed))
@@ -423,6 +433,37 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(reference)
     assert json.loads((killed / "summary.json").read_text())["step"] == 6000
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_step_in_flight_and_resumes_to_the_same_metrics(
+    reference, tmp_path
+):
+    """What SLURM does at a time limit, on scancel or preemption: SIGTERM, then SIGKILL later."""
+    env = {**os.environ, "IS_DATA_DIR": str(tmp_path / "data")}
+    stopped = tmp_path / "stopped"
+    proc = start_and_wait_for_rows(stopped, env, stderr=subprocess.PIPE)
+    rows_before = metrics(stopped)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143  # 128 + SIGTERM
+    line = one_line(err.decode())
+    step = int(line.split("stopped after step ")[1].split(";")[0])
+    assert line.startswith("stopped: SIGTERM received: stopped after step ")
+    assert line.endswith("to continue, run the same command with trainer.resume=true")
+    # the state after the last step is saved, not only the last periodic checkpoint's
+    state = load_checkpoint(stopped / "checkpoint.pt")
+    assert state["counters"]["step"] == step and len(state["rows"]) >= len(rows_before)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["error"].endswith(f"after step {step}")
+    assert metrics(stopped)[: len(rows_before)] == rows_before  # nothing lost
+    assert int(metrics(stopped)[-1]["step"]) <= step < 6000
+
+    resumed = subprocess.run(
+        cli(stopped, "trainer.resume=true"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(stopped) == metrics(reference)
 
 
 def test_checkpoint_loads_with_weights_only(compose, tmp_path):
@@ -542,3 +583,134 @@ def test_a_checkpoint_written_before_identities_still_resumes(
     )
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == ["0", "10", "20", "30"]
+
+
+# ------------------------------------------------------------------ a graceful stop on SIGTERM
+SHORT = [
+    "threads=1",  # two threads on a busy 2-core machine are many times slower
+    "sampler=upper_bound",
+    "sampler.batch_size=32",
+    "sampler.tau_threshold=1.2",
+    "trainer.time_budget=null",
+    "trainer.max_steps=300",
+    "trainer.eval_every_steps=50",
+    "trainer.eval_every_seconds=null",
+]
+
+
+@pytest.fixture
+def keep_threads():
+    """threads=1 runs in this process set torch's thread count: put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sigterm_during_evaluation_finishes_the_row_then_stops_and_resumes_exactly(
+    tmp_path, monkeypatch, capsys, keep_threads
+):
+    from importance_sampling import trainer
+
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=reference)[0] == 0
+    handler = signal.getsignal(signal.SIGTERM)
+    evaluate, calls = trainer.evaluate, []
+
+    def evaluate_and_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the test set of the row at step 100 (two evaluations per row)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_and_signal)
+    code, err = run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=stopped)
+    assert code == 143
+    assert one_line(err) == (
+        f"stopped: SIGTERM received: stopped after step 100; checkpoint.pt and summary.json "
+        f'("status": "preempted") are in {stopped}; to continue, run the same command with '
+        "trainer.resume=true"
+    )
+    assert signal.getsignal(signal.SIGTERM) is handler  # fit restored the handler it replaced
+    # the row finished, no step after it: the rows so far, the state at the row
+    assert [r["step"] for r in metrics(stopped)] == ["0", "50", "100"]
+    assert metrics(stopped) == metrics(reference)[:3]
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert (
+        summary["status"] == "preempted" and summary["error"] == "stopped by SIGTERM after step 100"
+    )
+    assert load_checkpoint(stopped / "checkpoint.pt")["counters"]["step"] == 100
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    code, err = run_main(
+        [*SHORT, "trainer.resume=true"], tmp_path, monkeypatch, capsys, run_dir=stopped
+    )
+    assert code == 0, err
+    assert metrics(stopped) == metrics(reference)
+
+
+def test_signals_while_saving_are_ignored_and_the_checkpoint_is_whole(
+    tmp_path, monkeypatch, capsys, keep_threads
+):
+    """SIGUSR1 in the middle of a step: the step finishes, the state after it is saved; two
+    SIGTERMs while it is being written change nothing; the exit code is SIGUSR1's."""
+    from importance_sampling.trainer import Trainer
+
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=reference)[0] == 0
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)]
+    train_step, save, saves_after_the_signal = Trainer.train_step, torch.save, []
+
+    def step_and_signal(self):
+        if self.step == 119:  # in the middle of step 120
+            os.kill(os.getpid(), signal.SIGUSR1)
+        train_step(self)
+
+    def save_and_signal(obj, path, *args, **kwargs):
+        save(obj, path, *args, **kwargs)
+        if not isinstance(obj, dict) or "counters" not in obj or obj["counters"]["step"] != 120:
+            return
+        saves_after_the_signal.append(path)  # written to checkpoint.pt.tmp, not yet renamed
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    monkeypatch.setattr(torch, "save", save_and_signal)
+    code, out, err = run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=stopped, out=True)
+    assert code == 138  # 128 + SIGUSR1
+    assert one_line(err).startswith("stopped: SIGUSR1 received: stopped after step 120; ")
+    assert "2 more stop signals came while saving: ignored" in out
+    assert [Path(p).name for p in saves_after_the_signal] == ["checkpoint.pt.tmp"]
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)] == handlers
+    assert sorted(p.name for p in stopped.iterdir()) == [
+        ".hydra",
+        "checkpoint.pt",
+        "metrics.csv",
+        "summary.json",
+        "train.log",
+    ]
+    assert load_checkpoint(stopped / "checkpoint.pt")["counters"]["step"] == 120
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "preempted"
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(torch, "save", save)
+    code, err = run_main(
+        [*SHORT, "trainer.resume=true"], tmp_path, monkeypatch, capsys, run_dir=stopped
+    )
+    assert code == 0, err
+    assert metrics(stopped) == metrics(reference)
+
+
+def test_a_process_forked_during_a_run_still_ends_on_sigterm():
+    """A DataLoader worker forked while fit runs inherits its handler; SIGTERM must still end it
+    (the stop is the training process's, not the worker's)."""
+    from importance_sampling.stopping import StopRequest
+
+    with StopRequest() as stop:
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the signal, which should end it
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert stop.signum == 0  # the parent was not asked to stop
