@@ -55,6 +55,9 @@ def main(cfg: DictConfig) -> float:
         # One readable message instead of a stack trace; metrics so far are already on disk.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OmegaConfBaseException as e:  # a value read while building, e.g. ${oc.env:UNSET}
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except TrainingStopped as e:  # SIGTERM / SIGUSR1: saved, to be resumed
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"stopped: {e}", file=sys.stderr)

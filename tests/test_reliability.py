@@ -81,6 +81,12 @@ BAD_INPUTS = [
         "sampler.tau_threshold must be a number, auto or null, got 'abc'",
     ),
     (["trainer.max_steps=[1]"], "trainer.max_steps"),
+    (["seed=null"], "seed must be an integer, got null"),
+    (["trainer.lr_milestones=[0.5"], "cannot read the override 'trainer.lr_milestones=[0.5'"),
+    (
+        ["dataset=fashion_mnist", "data_dir=${oc.env:IS_UNSET_VARIABLE}"],
+        "dataset.data_dir: KeyError raised while resolving interpolation",
+    ),
     (["device=cuda:7"], "device: cuda:7 was asked for"),
     (["threads=0"], "threads must be a positive integer or null, got 0"),
     (["model._target_=torch.nn.Linear"], "model: "),

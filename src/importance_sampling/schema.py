@@ -95,20 +95,20 @@ class Config:
 
 # ---------------------------------------------------------------- dataset/
 @dataclass
-class Dataset:
+class DatasetConf:
     _target_: str = M
     stream: bool = M
 
 
 @dataclass
-class DigitsConf(Dataset):
+class DigitsConf(DatasetConf):
     test_fraction: float = M
     seed: int = M
     train_size: int | None = M
 
 
 @dataclass
-class TorchvisionConf(Dataset):
+class TorchvisionConf(DatasetConf):
     """mnist, svhn: torchvision's files in data_dir."""
 
     data_dir: str = M
@@ -137,7 +137,7 @@ class PixelMNISTConf(TorchvisionConf):
 
 
 @dataclass
-class ImageFolderConf(Dataset):
+class ImageFolderConf(DatasetConf):
     root: str = M
     test_root: str | None = M
     image_size: int = M
@@ -207,14 +207,14 @@ class AdamConf:
 
 # ---------------------------------------------------------------- sampler/
 @dataclass
-class Sampler:
+class SamplerConf:
     _target_: str = M
     batch_size: int = M
     presample_size: int | None = M
 
 
 @dataclass
-class ImportanceConf(Sampler):
+class ImportanceConf(SamplerConf):
     """importance_sampler.yaml, shared by loss, upper_bound, gradient_norm, upper_bound_auto."""
 
     score: str = M
@@ -226,7 +226,7 @@ class ImportanceConf(Sampler):
 
 
 @dataclass
-class HistoryConf(Sampler):
+class HistoryConf(SamplerConf):
     score: str = M
     tau_threshold: float | None = M
     tau_momentum: float = M
@@ -238,20 +238,20 @@ class HistoryConf(Sampler):
 
 
 @dataclass
-class OnlineBatchConf(Sampler):
+class OnlineBatchConf(SamplerConf):
     selection_pressure: float = M
     resort_every: int = M
 
 
 @dataclass
-class SelectiveBackpropConf(Sampler):
+class SelectiveBackpropConf(SamplerConf):
     beta: float = M
     history_size: int = M
     score_chunk_size: int = M
 
 
 @dataclass
-class InfoBatchConf(Sampler):
+class InfoBatchConf(SamplerConf):
     prune_ratio: float = M
     anneal: float = M
     num_passes: int | None = M
@@ -288,7 +288,7 @@ SCHEMAS: dict[str, dict[str, type]] = {  # group -> {schema name: dataclass}
     },
     "optimizer": {"sgd": SGDConf, "adam": AdamConf},
     "sampler": {
-        "uniform": Sampler,
+        "uniform": SamplerConf,
         "importance": ImportanceConf,
         "history": HistoryConf,
         "online_batch": OnlineBatchConf,
@@ -311,22 +311,23 @@ register()
 
 
 # ---------------------------------------------------------------- checks and messages
+WORDS = {  # type -> (one value, several)
+    float: ("a number", "numbers"),
+    int: ("an integer", "integers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+}
+
+
 def describe_type(annotation: Any) -> str:
-    """What a user must write for a field of this type: 'a number', 'an integer or null', ..."""
+    """What a user must write for a field of this type: 'a number', 'an integer or null',
+    'a list of integers', ..."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    optional = type(None) in typing.get_args(annotation)
-    if typing.get_origin(annotation) is list:
-        word = f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    elif optional:
+    if type(None) in typing.get_args(annotation):
         return f"{describe_type(args[0])} or null"
-    else:
-        word = {
-            float: "a number",
-            int: "an integer",
-            bool: "true or false",
-            str: "a string",
-        }.get(annotation, getattr(annotation, "__name__", str(annotation)))
-    return word
+    if typing.get_origin(annotation) is list:
+        return f"a list of {WORDS[args[0]][1]}" if args[0] in WORDS else "a list"
+    return WORDS[annotation][0] if annotation in WORDS else getattr(annotation, "__name__", "?")
 
 
 def _kinds_text(kinds: tuple) -> str:
@@ -367,8 +368,8 @@ def check_config(cfg: DictConfig, prefix: str = "") -> None:
         name = f"{prefix}{key}"
         if schema in OWN_SECTIONS and key not in declared:
             raise ValueError(unknown_key(name, schema))
-        if OmegaConf.is_missing(cfg, key):
-            continue
+        if OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
+            continue  # an interpolation is checked where it is read (its error names it there)
         value = cfg[key]
         if isinstance(value, DictConfig):
             check_config(value, f"{name}.")
@@ -404,6 +405,8 @@ def _type_error(cause: Any) -> str | None:
         expected = cause.parent_node._metadata.element_type
     if not key:
         return None
+    if expected is not None and "is not Optional" in first:  # key=null
+        return f"{key} must be {describe_type(expected)}, got null"
     if expected is None or found is None:
         return f"{key}: {first}"
     value = found["value"] if found["type"] in ("int", "float") else repr(found["value"])
@@ -414,7 +417,7 @@ def config_error_line(error: BaseException) -> str:
     """One line for an error of Hydra or OmegaConf while composing or reading the config: the
     key, what it must be and what it got; a group option that does not exist, with the ones
     that do."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import (
         ConfigAttributeError,
         ConfigKeyError,
@@ -436,9 +439,11 @@ def config_error_line(error: BaseException) -> str:
         listed = ", ".join(n.strip() for n in names.split() if n.strip())
         head = " ".join(line.strip() for line in head.splitlines() if line.strip())
         return f"{head}. Available options in {group}: {listed}" if options else head
+    if isinstance(cause, OmegaConfBaseException) and cause is error:  # OmegaConf's own
+        return f"{key}: {str(cause.msg).splitlines()[0]}" if key else str(cause.msg)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    if isinstance(cause, OmegaConfBaseException) and cause is not error:
+    if isinstance(error, OverrideParseException):  # a malformed key=value
+        return f"cannot read the override {error.override!r}: {text}"
+    if isinstance(cause, OmegaConfBaseException):  # Hydra's words, then OmegaConf's
         text += f": {str(cause.msg).splitlines()[0]}" + (f" ({key})" if key else "")
-    elif key and key not in text:
-        text = f"{key}: {text}"
     return text
