@@ -7,6 +7,10 @@
 
 Each run writes metrics.csv, summary.json and its composed config (.hydra/) to its run directory.
 The library (src/importance_sampling) does the work; importance_sampling.builder reads the config.
+
+Exit status: 0 done; 1 a bad option, missing data, a diverged run or an unusable checkpoint (one
+line on stderr, starting with "error:"); 128 + the signal's number when SIGTERM (143) or SIGUSR1
+(138) stopped the run, its state saved: run the same command with trainer.resume=true.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from importance_sampling.builder import ConfigError, run  # noqa: E402
 from importance_sampling.data import DataError  # noqa: E402
@@ -28,7 +34,12 @@ from importance_sampling.distributed import (  # noqa: E402
     launched_ranks,
     shared_run_stamp,
 )
-from importance_sampling.trainer import CheckpointError, TrainingError  # noqa: E402
+from importance_sampling.schema import config_error_line  # noqa: E402
+from importance_sampling.trainer import (  # noqa: E402
+    CheckpointError,
+    TrainingError,
+    TrainingStopped,
+)
 
 
 @hydra.main(
@@ -44,6 +55,31 @@ def main(cfg: DictConfig) -> float:
         # One readable message instead of a stack trace; metrics so far are already on disk.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OmegaConfBaseException as e:  # a value read while building, e.g. ${oc.env:UNSET}
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingStopped as e:  # SIGTERM / SIGUSR1: saved, to be resumed
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def main_with_one_line_errors() -> None:
+    """main(), with Hydra's composition errors (an option of the wrong type, a key or a group
+    option that does not exist, a malformed override) as one line instead of Hydra's report.
+    HYDRA_FULL_ERROR=1 makes Hydra raise them here; a user who set it gets the traceback."""
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if wants_traceback:
+            raise
+        print(f"error: {config_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if not wants_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def prepare_ranks() -> None:
@@ -58,5 +94,5 @@ def prepare_ranks() -> None:
 
 if __name__ == "__main__":
     prepare_ranks()
-    main()  # an error exits here (SystemExit): no goodbye with ranks that may be elsewhere
+    main_with_one_line_errors()  # an error exits here: no goodbye with ranks that may be elsewhere
     close_ranks()

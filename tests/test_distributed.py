@@ -27,7 +27,7 @@ from importance_sampling.models import MLP
 from importance_sampling.runtime import Runtime
 from importance_sampling.samplers import ImportanceSampler, UniformSampler
 from importance_sampling.scores import cross_entropy
-from importance_sampling.trainer import Trainer
+from importance_sampling.trainer import Trainer, TrainingStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -201,6 +201,79 @@ def test_shards_are_disjoint_cover_the_data_and_change_with_the_epoch(two_ranks)
     assert len(first[0] | first[1]) > 0.97 * len(data)
     # the next epoch is another permutation: its first batches differ from the first epoch's
     assert not torch.equal(epochs[0][1], results[0]["loaded"][0])
+
+
+# ------------------------------------------------------------------ SIGTERM on one rank
+class SignalAt(ImportanceSampler):
+    """Sends ``signum`` to its own process in the middle of its ``at``-th step (None: never)."""
+
+    def __init__(self, at=None, signum=signal.SIGTERM, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def select(self, model, presample, loss_fn, more=None):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().select(model, presample, loss_fn, more)
+
+
+def stop_worker(rank, tmp, data, run, signal_rank, resume):
+    """A 2-rank upper_bound run in tmp/run; rank ``signal_rank`` gets SIGTERM in step 37.
+    Writes what fit did on this rank to tmp/<run><rank>.pt."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous_{run}_{resume}", rank=rank, world_size=WORLD
+    )
+    torch.manual_seed(0)
+    model = MLP(data.input_shape, data.num_classes)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        SignalAt(37 if rank == signal_rank else None, batch_size=32, tau_threshold=1.2),
+        data,
+        tmp / run,
+        budget=Budget(None, max_steps=100, eval_every_seconds=None, eval_every_steps=20),
+        runtime=Runtime("cpu", dist=Distributed(rank, WORLD)),
+        resume=resume,
+        progress=False,
+    )
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.fit()
+        out = {"stopped": None, "step": trainer.step}
+    except TrainingStopped as e:
+        out = {"stopped": e.signum, "step": e.step, "exit_code": e.exit_code}
+    out["handler_restored"] = signal.getsignal(signal.SIGTERM) is handler
+    torch.save(out, tmp / f"{run}{rank}_{resume}.pt")
+    dist.destroy_process_group()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(tmp_path):
+    data = digits()
+    run_ranks(stop_worker, tmp_path, data, "reference", None, False)
+    run_ranks(stop_worker, tmp_path, data, "run", 1, False)  # rank 1 alone gets the signal
+    stopped = [torch.load(tmp_path / f"run{r}_False.pt") for r in range(WORLD)]
+    for out in stopped:  # rank 0 heard of it through the clock's all-reduce, at the same step
+        assert out == {
+            "stopped": signal.SIGTERM,
+            "step": 37,
+            "exit_code": 143,
+            "handler_restored": True,
+        }
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.csv", "summary.json"]
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["counters"]["step"] == 37 and len(state["ranks"]) == WORLD
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["world_size"] == WORLD
+    assert [r["step"] for r in metrics(run)] == ["0", "20"]
+
+    run_ranks(stop_worker, tmp_path, data, "run", None, True)
+    resumed = [torch.load(tmp_path / f"run{r}_True.pt") for r in range(WORLD)]
+    assert [out["step"] for out in resumed] == [100, 100]
+    assert metrics(run) == metrics(tmp_path / "reference")
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
 
 # ------------------------------------------------------------------ torchrun end to end

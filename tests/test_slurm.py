@@ -656,6 +656,10 @@ def test_a_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(cluster, t
     run = sweep_dir / "upper_bound_seed0_0"
     saved = checkpoint_rows(run)  # the job is gone: this is where it stopped
     assert saved[-1]["train_time"] < 12
+    # SLURM's SIGTERM (submitit ignores it) stopped the run after a step, saved, before SIGKILL
+    log = (sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "stopped: SIGTERM received: stopped after step" in log
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
 
     resumed = train(*RESUMABLE, f"hydra.sweep.dir={sweep_dir}", "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

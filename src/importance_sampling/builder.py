@@ -4,6 +4,8 @@ configs (train.py, the scripts and the tests call it).
     trainer = build_trainer(cfg, out_dir)     # checked: a bad option is one ConfigError line
     summary = trainer.fit()                   # or run(cfg, out_dir), which also prints a line
 
+The types of the options are checked when Hydra composes the config (schema.py, imported here so
+that composing finds the schemas); their ranges are checked by the constructors they reach.
 The config's ``trainer`` section is split here into the objects that own each concern:
 ``Budget`` (time_budget, max_steps, max_epochs, max_passes, eval_every_*), ``Runtime`` (device,
 amp, channels_last, compile, check_finite, the data-parallel ranks), ``LRSchedule`` (lr_*),
@@ -27,6 +29,7 @@ from .data import DataError, StreamingDataset, TensorDataset, hold_out_validatio
 from .distributed import Distributed, init_distributed
 from .outputs import Callback
 from .runtime import Runtime, resolve_device
+from .schema import check_config
 from .sources import LoaderOptions
 from .trainer import Trainer
 
@@ -167,6 +170,10 @@ def build_trainer(
 ) -> Trainer:
     """Everything a run needs, built and checked from ``cfg`` (``data``: use this dataset
     instead of building cfg.dataset, e.g. synthetic data in a benchmark)."""
+    try:
+        check_config(cfg)  # what composing cannot check: tau_threshold, amp, ...; +keys
+    except ValueError as e:
+        raise _config_error(e) from None
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
     try:

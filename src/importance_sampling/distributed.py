@@ -69,6 +69,15 @@ class Distributed:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    def max_floats(self, values: list[float]) -> list[float]:
+        """The element-wise maximum of every rank's ``values`` (host-side values: through gloo,
+        never the GPU); e.g. rank 0's clock with -inf on the other ranks, and a flag of any rank."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's picklable ``obj`` on rank 0 (in rank order); None on the other ranks."""
         if not self.enabled:

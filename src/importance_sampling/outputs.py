@@ -3,7 +3,8 @@
 - ``metrics.csv``   one row per evaluation (columns: ``METRICS_COLUMNS``), flushed as written;
 - ``summary.json``  the last row plus totals, written when the run ends (also after an error);
 - ``checkpoint.pt`` everything needed to resume exactly, written atomically and loaded with
-                    ``weights_only=True`` (tensors and plain containers: no pickled code).
+                    ``weights_only=True`` (tensors and plain containers: no pickled code), with
+                    what identifies the run's configuration (``identity``), checked on resume.
 
 Callbacks (``Callback``) are told of every metrics row and of the end of a run, outside the
 timed steps: the metrics file, the progress bar, the W&B logger and the variance measurement
@@ -121,6 +122,15 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message says why and what to do."""
+
+
+PROJECT = "importance_sampling"  # identity["project"] of every checkpoint this package writes
+RUN_KEYS = {"model", "optimizer", "counters", "rows", "ranks"}  # what every checkpoint has
+ELSEWHERE = "delete it, or point hydra.run.dir elsewhere to start a new run"
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill mid-write never leaves half a file."""
     path = Path(path)
@@ -132,6 +142,83 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers, no pickled code."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def read_checkpoint(path: Path, identity: dict, device: torch.device | str = "cpu") -> dict:
+    """The state in ``path``, if it is a checkpoint of this project written by a run of the same
+    configuration as ``identity`` (see ``Trainer.identity``); else a one-line CheckpointError
+    naming the file, what is wrong and what to do. PyTorch's own message is never shown: for a
+    file it cannot read it advises ``weights_only=False``, which would run code from the file."""
+    path = Path(path)
+    try:
+        state = load_checkpoint(path, device)
+    except Exception as e:  # unpickling errors of a damaged file come in many types
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes zip archives
+        what = "a truncated or damaged checkpoint" if zipped else "not a checkpoint file"
+        raise CheckpointError(
+            f"{path} is unreadable ({what}, {type(e).__name__}): {ELSEWHERE}"
+        ) from None
+    saved = state.get("identity", {}) if isinstance(state, dict) else {}
+    if not isinstance(state, dict) or not RUN_KEYS <= state.keys() or not isinstance(saved, dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (no training run in it): {ELSEWHERE}"
+        )
+    if saved.get("project", PROJECT) != PROJECT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (it says {saved.get('project')!r}): "
+            f"{ELSEWHERE}"
+        )
+    differences = compare_identity(state, identity)
+    if differences:
+        raise CheckpointError(
+            f"{path} is from another configuration ({'; '.join(differences)}): resume with the "
+            f"options it was written with, or {ELSEWHERE}"
+        )
+    return state
+
+
+def compare_identity(state: dict, identity: dict) -> list[str]:
+    """What differs between the run that wrote ``state`` and the run ``identity`` describes, one
+    phrase per part: model, optimizer, sampler, dataset, world size. A checkpoint written before
+    identities were stored is compared on its parameters and world size."""
+    saved = dict(state.get("identity") or {})
+    saved.setdefault("world_size", state.get("world_size", 1))
+    saved.setdefault(
+        "parameters",
+        {k: list(v.shape) for k, v in state["model"].items() if isinstance(v, torch.Tensor)},
+    )
+    differences = []
+    if saved.get("model", identity["model"]) != identity["model"]:
+        differences.append(f"model: {saved['model']} there, {identity['model']} here")
+    else:
+        there, here = saved["parameters"], identity["parameters"]
+        changed = [k for k in here if k in there and list(there[k]) != list(here[k])]
+        missing = [k for k in here if k not in there] + [k for k in there if k not in here]
+        if changed:
+            k = changed[0]
+            differences.append(
+                f"model: {identity['model']} with {k} of shape {list(there[k])} there, "
+                f"{list(here[k])} here"
+            )
+        elif missing:
+            differences.append(
+                f"model: {identity['model']} with other parameters ({missing[0]} is in one only)"
+            )
+    for part in ("optimizer", "sampler"):
+        if saved.get(part, identity[part]) != identity[part]:
+            differences.append(f"{part}: {saved[part]} there, {identity[part]} here")
+    dataset = [saved.get(k, identity[k]) for k in ("dataset", "train_size")]
+    if dataset != [identity["dataset"], identity["train_size"]]:
+        differences.append(
+            f"dataset: {dataset[0]} of {dataset[1]} training points there, "
+            f"{identity['dataset']} of {identity['train_size']} here"
+        )
+    if saved["world_size"] != identity["world_size"]:
+        differences.append(
+            f"world size: {saved['world_size']} processes there, {identity['world_size']} here"
+        )
+    return differences
 
 
 def to_cpu(obj):

@@ -10,12 +10,17 @@ rate schedule), runtime.py (device, autocast, compile, DDP), sources.py (where p
 from), outputs.py (metrics.csv, summary.json, checkpoints, progress). With several data-parallel
 ranks every rank runs this loop; the clock is rank 0's, so the ranks stop and evaluate at the
 same step, and rank 0 alone writes files.
+
+SIGTERM and SIGUSR1 (a cluster's time limit, scancel, preemption) stop the loop after the step in
+flight, with checkpoint.pt and summary.json written (stopping.py); with several ranks the stop
+travels with rank 0's clock, so every rank stops after the same step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
@@ -29,12 +34,15 @@ from .data import StreamingDataset, TensorDataset
 from .grad_norms import GradNormRecorder
 from .order import mix_seed
 from .outputs import (
+    PROJECT,
     Callback,
+    CheckpointError,
     MetricsFile,
     ProgressBar,
     SummaryFile,
     json_safe,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     to_cpu,
 )
@@ -42,16 +50,22 @@ from .runtime import Runtime
 from .samplers import Sampler, Selection
 from .scores import LossFn, cross_entropy
 from .sources import LoaderOptions, make_source
+from .stopping import StopRequest, TrainingStopped
+
+__all__ = [  # CheckpointError and load_checkpoint live in outputs.py, TrainingStopped in stopping.py
+    "CheckpointError",
+    "Trainer",
+    "TrainingError",
+    "TrainingStopped",
+    "evaluate",
+    "load_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss or scores); metrics so far are on disk."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message says why and what to do."""
 
 
 @torch.inference_mode()
@@ -172,6 +186,8 @@ class Trainer:
         self.steps_since_row = self.is_steps_since_row = 0
         self.last_checkpoint = 0.0  # train_time or step of the last checkpoint
         self.rows: list[dict] = []
+        self.stop = StopRequest()  # SIGTERM / SIGUSR1 while fit runs
+        self.stopped_by = 0  # the signal that stopped the last fit (0: none)
 
     def _progress_bar(self) -> ProgressBar:
         """Over seconds of train_time, else over steps (the step budget, or the steps that the
@@ -260,7 +276,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
-        """Train until the budget is spent; returns the summary (also written to summary.json)."""
+        """Train until the budget is spent; returns the summary (also written to summary.json).
+
+        Raises TrainingStopped when SIGTERM or SIGUSR1 stopped the run (its state saved first)."""
+        with self.stop:  # while training, SIGTERM / SIGUSR1 only set self.stop.signum
+            summary = self._fit()
+        if summary["status"] == "preempted":
+            if self.stop.ignored and self.dist.is_main:
+                log.warning("%d more stop signals came while saving: ignored", self.stop.ignored)
+            raise TrainingStopped(self.stopped_by, self.step, self.out_dir)
+        return summary
+
+    def _fit(self) -> dict:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start_wall = time.perf_counter()
@@ -273,27 +300,35 @@ class Trainer:
             interval_start = time.perf_counter()
             while True:
                 clock = self.clock
-                clock.train_time = self._shared(
+                clock.train_time, stop = self._shared(
                     self.train_time + time.perf_counter() - interval_start
                 )
                 progress = self.budget.progress(clock)
                 self.schedule.apply(self.optimizer, self.base_lrs, progress)
                 self.sampler.progress = progress  # e.g. InfoBatch anneals on the budget
                 done = self.budget.spent(clock)
-                if done or self.budget.row_due(clock, self.rows[-1]):
+                if done or stop or self.budget.row_due(clock, self.rows[-1]):
                     self.runtime.synchronize()  # count queued GPU work in this interval
-                    self.train_time = self._shared(
+                    self.train_time, _ = self._shared(
                         self.train_time + time.perf_counter() - interval_start
                     )
                     if not self.runtime.check_every_step:
                         self._check_finite(self._finite)
+                    if stop and not done:  # no row: a resumed run writes the rows it would have
+                        break
                     if self.steps_since_row or not done:
                         self._row()
                     if done:
                         break
                     interval_start = time.perf_counter()
+                    continue  # read the clock again: a signal during the row stops the run here
                 self.train_step()
-            status = "completed"
+            if stop and not done:  # the state after the last step, whatever the cadence
+                self._write_checkpoint()
+                status, self.stopped_by = "preempted", stop  # any rank's signal, the same on all
+                error = f"stopped by {signal.Signals(stop).name} after step {self.step}"
+            else:
+                status = "completed"
         except TrainingError as e:
             error = str(e)
             # The model that gave a non-finite loss is broken (the update before it blew up), so
@@ -302,8 +337,8 @@ class Trainer:
             if (self.out_dir / "checkpoint.pt").is_file():
                 kept = "metrics so far and the last healthy checkpoint (checkpoint.pt) are in"
             raise TrainingError(f"{error}; {kept} {self.out_dir}") from None
-        except KeyboardInterrupt:
-            status, error = "interrupted", "KeyboardInterrupt"
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C; submitit's requeue (SIGUSR2)
+            status, error = "interrupted", type(e).__name__
             raise
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
@@ -312,15 +347,31 @@ class Trainer:
             summary = self._finish(status, error)
         return summary
 
-    def _shared(self, seconds: float) -> float:
-        """Rank 0's clock reading on every rank (so every rank takes the same decisions)."""
-        return self.dist.broadcast_floats([seconds])[0] if self.dist.enabled else seconds
+    def _shared(self, seconds: float) -> tuple[float, int]:
+        """Rank 0's clock reading and the stop signal that any rank received (0: none), on
+        every rank, so that every rank takes the same decisions at the same step: one
+        all-reduce (max) of [rank 0's seconds (-inf elsewhere), signal number]."""
+        if not self.dist.enabled:
+            return seconds, self.stop.signum
+        mine = seconds if self.dist.is_main else -math.inf
+        clock, signum = self.dist.max_floats([mine, float(self.stop.signum)])
+        return clock, int(signum)
 
     def _resume(self) -> bool:
         """Load the checkpoint when resuming; True if a run was resumed."""
         path = self.out_dir / "checkpoint.pt"
         if self.resume and path.is_file():
-            self.load_state_dict(self._read_checkpoint(path))
+            state = read_checkpoint(path, self.identity(), self.device)
+            try:
+                self.load_state_dict(state)
+            except CheckpointError:
+                raise
+            except Exception as e:  # e.g. a sampler state of other options (presample size)
+                raise CheckpointError(
+                    f"{path} does not fit this run ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}): resume with the options it was "
+                    "written with, or delete it, or point hydra.run.dir elsewhere"
+                ) from None
             if self.dist.is_main:
                 self.metrics_file.rewrite(self.rows)
                 log.info("resuming from step %d of %s", self.step, path)
@@ -410,6 +461,21 @@ class Trainer:
         "last_checkpoint",
     )
 
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this run (stored in it, compared on
+        resume): the model's class and parameter shapes, the optimizer's class, the sampler,
+        the dataset and its size, the number of ranks."""
+        return {
+            "project": PROJECT,
+            "model": type(self.model).__name__,
+            "parameters": {k: list(v.shape) for k, v in self.model.state_dict().items()},
+            "optimizer": type(self.optimizer).__name__,
+            "sampler": self.sampler.name,
+            "dataset": self.data.name,
+            "train_size": self.num_samples,
+            "world_size": self.dist.world_size,
+        }
+
     def rank_state(self) -> dict:
         """What differs between ranks: the sampler's and the source's positions and randomness."""
         state = {
@@ -427,6 +493,7 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         return {
+            "identity": self.identity(),
             "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -456,18 +523,14 @@ class Trainer:
         self.wall_offset = state["wall_time"]
         self.rows = list(state["rows"])
 
-    def _read_checkpoint(self, path: Path) -> dict:
-        try:
-            return load_checkpoint(path, self.device)
-        except Exception as e:  # unpickling errors of a damaged file come in many types
-            raise CheckpointError(
-                f"{path} is unreadable or not a checkpoint of this project "
-                f"({type(e).__name__}): delete it, or point hydra.run.dir elsewhere"
-            ) from None
-
     def save(self) -> None:
         """Write checkpoint.pt atomically (every rank takes part; rank 0 writes)."""
         self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        """checkpoint.pt now, without moving the checkpoint cadence (a stop signal's save: the
+        resumed run then checkpoints where an uninterrupted one would)."""
         state = self.state_dict()
         if self.dist.is_main:
             save_checkpoint(state, self.out_dir / "checkpoint.pt")
