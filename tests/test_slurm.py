@@ -441,7 +441,9 @@ def test_a_two_task_job_is_one_run_of_two_ranks(ddp_run):
         "summary.json",
         "train.log",
     ]
-    b = int(re.search(r"batch_size: (\d+)", (run / ".hydra" / "config.yaml").read_text()).group(1))
+    from omegaconf import OmegaConf
+
+    b = OmegaConf.load(run / ".hydra" / "config.yaml").sampler.batch_size
     rows = pd.read_csv(run / "metrics.csv")
     assert rows["step"].tolist() == [0, 100, 200, 300]  # trainer.eval_every_steps=100
     assert (rows["world_size"] == 2).all()
