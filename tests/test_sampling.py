@@ -147,7 +147,7 @@ def test_tau_from_score_sums_is_b_sum_g_squared_and_adds_up_over_ranks():
     for kind in ("variance", "std"):
         torch.testing.assert_close(
             tau_from_sums(score_sums(scores), len(scores), kind),
-            equivalent_batch_increment(g, kind).double(),
+            equivalent_batch_increment(g, kind),
         )
         halves = score_sums(scores[:3]) + score_sums(scores[3:])  # two ranks' sums, added
         torch.testing.assert_close(
@@ -261,3 +261,25 @@ def test_uniform_steps_update_tau_from_the_batch_forward_pass():
     logits = torch.zeros(4, 2)
     sampler.update(chosen, logits, cross_entropy)
     assert sampler.tau == pytest.approx(1.0)  # equal losses: no variance to reduce
+
+
+def test_tau_kept_on_the_host_or_on_the_device_is_the_same():
+    """The CPU keeps tau a float (reading it is free); a GPU keeps it on the device."""
+    scores = [
+        torch.tensor([0.2, 1.0, 3.0, 0.5]),
+        torch.zeros(4),
+        torch.tensor([1.0, 1.0, 2.0, 9.0]),
+    ]
+    results = []
+    for on_host in (True, False):
+        sampler = ImportanceSampler("loss", batch_size=2, presample_size=4, tau_momentum=0.5)
+        sampler.setup(8)
+        sampler.tau_on_host = on_host
+        for s in scores:
+            sampler.update_tau(s)
+        presample = Presample(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.arange(4))
+        sampler.draw(presample, torch.ones(4))  # equal scores: a fallback
+        results.append((sampler.tau, sampler.fallbacks, bool(sampler.finite)))
+    assert results[0] == pytest.approx(results[1]) and results[0][1] == 1
+    sampler.update_tau(torch.tensor([1.0, float("nan")]))
+    assert not bool(sampler.finite)

@@ -224,12 +224,12 @@ class HistorySampler(ImportanceSampler):
         probs = super().distribution(scores)
         return (1 - self.uniform_mix) * probs + self.uniform_mix / len(probs)
 
-    def tau_hat(self, sums: Tensor, n: int) -> Tensor:
+    def tau_hat(self, sums, n: int):
         # B sum p^2 of the mixture p = (1 - m) g + m / B is (1 - m)^2 B sum g^2 + 1 - (1 - m)^2
         variance = tau_from_sums(sums, n)
         keep = (1 - self.uniform_mix) ** 2
         mixed = keep * variance + 1 - keep
-        return mixed.sqrt() if self.tau_kind == "std" else mixed
+        return mixed**0.5 if self.tau_kind == "std" else mixed
 
     def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
         fn = loss_scores if self.score == "loss" else upper_bound_scores

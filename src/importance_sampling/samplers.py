@@ -302,7 +302,10 @@ class ImportanceSampler(Sampler):
                 f"({num_samples} samples)"
             )
         self.presample_r = self._per_rank("presample_size", self.presample_size)
-        self._fallbacks = torch.zeros((), dtype=torch.long, device=self.device)
+        self._fallbacks: int | Tensor = 0
+        # on the CPU reading a number costs nothing: tau stays a float there; on a GPU it stays on
+        # the device, so that no step waits for it (tests/test_host_sync.py checks that path)
+        self.tau_on_host = self.device.type == "cpu"
 
     @property
     def tau(self) -> float:
@@ -346,9 +349,9 @@ class ImportanceSampler(Sampler):
         a score was not finite (``draw`` guards against it without a host synchronisation)."""
         return importance_probabilities(scores, self.smoothing, check=False)
 
-    def tau_hat(self, sums: Tensor, n: int) -> Tensor:
+    def tau_hat(self, sums, n: int):
         """tau_hat of the distribution from ``score_sums`` of the n points of the (combined)
-        presample."""
+        presample (a tensor, or two floats)."""
         return tau_from_sums(sums, n, self.tau_kind)
 
     # ---------------------------------------------------------------- the step
@@ -379,16 +382,21 @@ class ImportanceSampler(Sampler):
         self.finite &= valid
         probs = torch.where(valid, probs, 1.0 / len(probs))
         tau_hat = self.update_tau(scores)
-        self._fallbacks += tau_hat <= 1 + 1e-6  # all scores equal (or zero): a uniform step
+        self._fallbacks = self._fallbacks + (tau_hat <= 1 + 1e-6)  # equal scores: uniform
         positions, weights = resample(probs, self.batch_r, self.generator)
         return Selection(presample, positions, weights, importance=True)
 
     def update_tau(self, scores: Tensor) -> Tensor:
         """Fold tau_hat of these scores, summed over all ranks, into the switch; returns tau_hat."""
         sums = self.dist.all_reduce_(score_sums(scores, self.smoothing))
-        # every rank scores as many points: n is known without communicating it
-        tau_hat = self.tau_hat(sums, len(scores) * self.dist.world_size)
-        self.finite &= torch.isfinite(tau_hat)  # NaN when a score was NaN or infinite
+        n = len(scores) * self.dist.world_size  # every rank scores as many points
+        if self.tau_on_host:
+            tau_hat = self.tau_hat(sums.tolist(), n)
+            if not math.isfinite(tau_hat):  # a score was NaN or infinite
+                self.finite.fill_(False)
+        else:
+            tau_hat = self.tau_hat(sums, n)
+            self.finite &= torch.isfinite(tau_hat)
         self.switch.update(tau_hat)
         return tau_hat
 
@@ -464,7 +472,7 @@ class ImportanceSampler(Sampler):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.switch.load_state_dict(state["switch"])
-        self._fallbacks.fill_(int(state["fallbacks"]))
+        self._fallbacks = int(state["fallbacks"])
 
 
 class eval_mode:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -33,7 +34,9 @@ def importance_probabilities(scores: Tensor, smoothing: float = 0.0, check: bool
     costs one host synchronisation; ``check=False`` skips the check and never synchronises
     (non-finite scores then give non-finite probabilities: not for drawing from).
     """
-    scores = scores.float() + smoothing
+    scores = scores.float()
+    if smoothing:
+        scores = scores + smoothing
     if not check:
         total = scores.sum()
         return torch.where(total == 0, 1.0 / len(scores), scores / total)  # NaN stays NaN
@@ -87,14 +90,19 @@ def score_sums(scores: Tensor, smoothing: float = 0.0) -> Tensor:
     s = scores.float()
     if smoothing:
         s = s + smoothing
-    return torch.stack([s.sum(), s.square().sum()]).double()
+    return torch.stack([s.sum(), s.square().sum()])
 
 
-def tau_from_sums(sums: Tensor, n: int, kind: TauKind = "variance") -> Tensor:
+def tau_from_sums(sums: Tensor | Sequence[float], n: int, kind: TauKind = "variance"):
     """tau_hat = n sum s^2 / (sum s)^2 = B sum_i g_i^2 over the n scores summed in ``sums``
-    (``score_sums``, possibly added up over ranks); 1 (uniform) when every score is 0.
-    A 0-dim tensor; NaN when a score was NaN or infinite."""
-    total, squares = sums[0], sums[1]
+    (``score_sums``, possibly added up over ranks); 1 (uniform) when every score is 0; NaN when
+    a score was NaN or infinite. A 0-dim tensor for a tensor of sums (no host synchronisation),
+    a float for two floats."""
+    if not isinstance(sums, Tensor):
+        total, squares = sums
+        tau = 1.0 if total == 0 else n * squares / total**2
+        return math.sqrt(tau) if kind == "std" else tau
+    total, squares = sums.unbind()
     tau = torch.where(total == 0, 1.0, n * squares / total.square())
     return tau.sqrt() if kind == "std" else tau
 
@@ -151,7 +159,10 @@ class VarianceReductionSwitch:
         return self._decision
 
     def update(self, tau_hat: float | Tensor) -> None:
-        self._tau = self.momentum * self._tau + (1.0 - self.momentum) * tau_hat
+        if isinstance(tau_hat, Tensor):  # two operations, on the device
+            self._tau = (tau_hat * (1.0 - self.momentum)).add_(self._tau, alpha=self.momentum)
+        else:
+            self._tau = self.momentum * self._tau + (1.0 - self.momentum) * tau_hat
         if isinstance(self._tau, Tensor) and self._tau.is_cuda:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             flag.copy_(self._tau > self.threshold, non_blocking=True)

@@ -255,8 +255,8 @@ class Trainer:
     def _check_finite(self, loss_finite: Tensor, loss: Tensor | None = None) -> None:
         """Raise if the loss or the sampler's scores so far were not finite, on any rank (every
         rank then raises at the same step)."""
-        if not self.dist.enabled and bool(loss_finite & self.sampler.finite):
-            return  # one process: one read of one flag
+        if not self.dist.enabled and bool(loss_finite) and bool(self.sampler.finite):
+            return  # one process: the flags are read where they are
         bad = torch.stack([~loss_finite, ~self.sampler.finite]).float()
         loss_bad, scores_bad = self.dist.all_reduce_(bad).tolist()
         if self.runtime.check_every_step:
