@@ -64,6 +64,7 @@ class SweepProgress:
         self.sweep_dir, self.total, self.log, self.pattern = sweep_dir, total, log, pattern
         self.budgets: dict[Path, dict] = {}
         self.log_offset = 0
+        self.first_poll = True
         self.bar = tqdm(
             total=total,
             unit="run",
@@ -86,6 +87,8 @@ class SweepProgress:
         progress = {r.name: run_fraction(r, self.budget(r)) for r in running}
         self.bar.total = max(self.total, len(started))
         self.bar.n = len(done) + sum(progress.values())
+        if self.first_poll:  # a resumed sweep: the time left counts only this session's pace
+            self.bar.initial, self.first_poll = self.bar.n, False
         now = ", ".join(f"{k} {100 * v:.0f}%" for k, v in progress.items())
         self.bar.set_postfix_str(f"now: {now}" if now else "")
         self._echo_results()
