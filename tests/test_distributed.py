@@ -116,10 +116,12 @@ def check_injected_weights_give_the_single_process_gradient(rank, data):
         torch.testing.assert_close(p.grad, q.grad)
 
 
-EVERY_SAMPLER = {  # tau_threshold=1: importance sampling on from the second step
+EVERY_SAMPLER = {  # tau_threshold=1, no moving average: importance sampling from the 2nd step
     "loss": lambda: ImportanceSampler("loss", 32, tau_threshold=1.0, tau_momentum=0.0),
-    "upper_bound": lambda: ImportanceSampler("upper_bound", 32, tau_threshold=1.0),
-    "gradient_norm": lambda: ImportanceSampler("gradient_norm", 32, tau_threshold=1.0),
+    "upper_bound": lambda: ImportanceSampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "gradient_norm": lambda: ImportanceSampler(
+        "gradient_norm", 32, tau_threshold=1.0, tau_momentum=0.0
+    ),
     "history": lambda: HistorySampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
     "online_batch": lambda: OnlineBatchSampler(32),
     "selective_backprop": lambda: SelectiveBackpropSampler(32),

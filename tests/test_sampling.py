@@ -293,5 +293,5 @@ def test_b_and_b_big_are_global_and_must_divide_among_the_processes():
     assert (sampler.batch_r, sampler.presample_r) == (16, 48)  # each process's share
     with pytest.raises(ValueError, match="sampler.batch_size=64 is not divisible by the 3 proc"):
         ImportanceSampler("upper_bound", batch_size=64).setup(1000, dist=Distributed(0, 3))
-    with pytest.raises(ValueError, match="sampler.presample_size=190 is not divisible by the 2"):
-        ImportanceSampler("upper_bound", 64, presample_size=190).setup(1000, dist=Distributed(0, 2))
+    with pytest.raises(ValueError, match="sampler.presample_size=191 is not divisible by the 2"):
+        ImportanceSampler("upper_bound", 64, presample_size=191).setup(1000, dist=Distributed(0, 2))
