@@ -118,7 +118,9 @@ def check_injected_weights_give_the_single_process_gradient(rank, data):
 
 EVERY_SAMPLER = {  # tau_threshold=1, no moving average: importance sampling from the 2nd step
     "loss": lambda: ImportanceSampler("loss", 32, tau_threshold=1.0, tau_momentum=0.0),
-    "upper_bound": lambda: ImportanceSampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "upper_bound": lambda: ImportanceSampler(
+        "upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0
+    ),
     "gradient_norm": lambda: ImportanceSampler(
         "gradient_norm", 32, tau_threshold=1.0, tau_momentum=0.0
     ),
