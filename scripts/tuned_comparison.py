@@ -38,10 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from importance_sampling.sweeps import SAMPLERS, SweepProgress, split_overrides
 
-from time_to_loss import SAMPLERS, SweepProgress  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LR_FACTORS = [0.25, 0.5, 1.0, 2.0]
 SCHEDULES = ["constant", "cosine"]
@@ -223,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="no training: the report of a protocol folder, or of a folder written by --out",
     )
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # key=value arguments may follow list options (--seeds 0 1 2 trainer.x=5): take them first
-    extra = [a for a in argv if "=" in a and not a.startswith("-")]
-    args, unknown = parser.parse_known_args([a for a in argv if a not in extra])
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are key=value)")
+    args, extra = split_overrides(parser, argv)
     for key in ("sampler=", "optimizer.lr=", "trainer.lr_schedule=", "seed=", "dataset.validation"):
         if any(a.startswith(key) for a in extra):
             parser.error(f"{key.rstrip('=')} is set by the protocol: use its options instead")

@@ -22,3 +22,13 @@ def compose(tmp_path, monkeypatch):
             return hydra_compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (its main() and helpers), without touching sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

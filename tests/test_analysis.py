@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import load_script
 
 from importance_sampling import analysis
 from importance_sampling.analysis import first_crossing, value_at
@@ -281,10 +282,7 @@ def test_load_reads_a_sweep_or_the_runs_csv_written_from_it(sweep_dir, tmp_path)
 
 
 def test_aggregate_script_writes_the_tables_and_the_figure(sweep_dir, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import aggregate
+    aggregate = load_script("aggregate")
 
     assert aggregate.main([str(sweep_dir), "--out", str(tmp_path / "out"), "--targets", "1.0"]) == 0
     out = capsys.readouterr().out
@@ -296,10 +294,7 @@ def test_aggregate_script_writes_the_tables_and_the_figure(sweep_dir, tmp_path, 
 
 # ---------------------------------------------------------------- one experiment per comparison
 def test_a_folder_of_several_experiments_is_refused_naming_them(sweep_dir, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import aggregate
+    aggregate = load_script("aggregate")
 
     other = sweep_dir.parent / "2026-01-02_00-00-00"
     write_run(other / "uniform_seed0_0", "uniform", 0, [2.0, 1.0])
@@ -326,10 +321,7 @@ def test_a_folder_of_several_experiments_is_refused_naming_them(sweep_dir, tmp_p
 
 
 def test_at_after_every_run_warns_and_uses_the_end_of_the_shortest(sweep_dir, tmp_path, capsys):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import aggregate
+    aggregate = load_script("aggregate")
 
     runs = analysis.collect_runs(sweep_dir)
     at, warning = analysis.equal_time_at(runs, 60)
@@ -347,10 +339,7 @@ def test_at_after_every_run_warns_and_uses_the_end_of_the_shortest(sweep_dir, tm
 
 
 def test_aggregating_a_runs_csv_never_writes_beside_it(sweep_dir, tmp_path, monkeypatch):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import aggregate
+    aggregate = load_script("aggregate")
 
     reference = tmp_path / "results" / "my_reference"
     analysis.save(analysis.collect_runs(sweep_dir), reference)

@@ -20,6 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from importance_sampling.baselines import (
+    HistorySampler,
+    InfoBatchSampler,
+    OnlineBatchSampler,
+    SelectiveBackpropSampler,
+)
 from importance_sampling.budget import Budget
 from importance_sampling.data import digits
 from importance_sampling.distributed import Distributed
@@ -110,6 +116,21 @@ def check_injected_weights_give_the_single_process_gradient(rank, data):
         torch.testing.assert_close(p.grad, q.grad)
 
 
+EVERY_SAMPLER = {  # tau_threshold=1, no moving average: importance sampling from the 2nd step
+    "loss": lambda: ImportanceSampler("loss", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "upper_bound": lambda: ImportanceSampler(
+        "upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0
+    ),
+    "gradient_norm": lambda: ImportanceSampler(
+        "gradient_norm", 32, tau_threshold=1.0, tau_momentum=0.0
+    ),
+    "history": lambda: HistorySampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "online_batch": lambda: OnlineBatchSampler(32),
+    "selective_backprop": lambda: SelectiveBackpropSampler(32),
+    "infobatch": lambda: InfoBatchSampler(32, num_passes=1),
+}
+
+
 def ranks_worker(rank, tmp, data):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -143,6 +164,23 @@ def ranks_worker(rank, tmp, data):
     batches = order_sampler.batches()
     loaded = [next(batches) for _ in range(len(data) // 32 + 1)]  # one epoch and one more batch
     out["loaded"] = loaded
+    # every other sampler trains data-parallel too: same parameters on both ranks, no hang
+    out["samplers"] = {}
+    for name, make in EVERY_SAMPLER.items():
+        torch.manual_seed(0)
+        model = MLP(data.input_shape, data.num_classes)
+        summary = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            make(),
+            data,
+            tmp / name,
+            budget=Budget(None, max_steps=12, eval_every_seconds=None, eval_every_steps=6),
+            runtime=Runtime("cpu", dist=ctx),
+            progress=False,
+        ).fit()
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out["samplers"][name] = (summary, params)
     torch.save(out, tmp / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -189,6 +227,18 @@ def test_ranks_with_different_scores_agree_on_tau_and_the_switch_at_every_step(t
     assert flips >= 2
     # the presample each rank loaded followed the decision: B/W points when on, b/W when off
     assert all(size == (48 if on else 16) for _, on, size in records[0])
+
+
+@pytest.mark.parametrize("name", EVERY_SAMPLER)
+def test_every_sampler_trains_one_model_over_two_ranks(name, two_ranks):
+    _, _, results = two_ranks
+    (summary0, params0), (summary1, params1) = (r["samplers"][name] for r in results)
+    assert summary0["status"] == summary1["status"] == "completed" and summary0["step"] == 12
+    assert summary0["world_size"] == 2 and summary0["samples"] == 12 * 32
+    torch.testing.assert_close(params0, params1)  # one model: DDP kept the ranks equal
+    if name in ("loss", "upper_bound", "gradient_norm", "history"):
+        assert summary0["importance_steps"] >= 5
+    assert summary0["train_loss"] < 2.0
 
 
 def test_shards_are_disjoint_cover_the_data_and_change_with_the_epoch(two_ranks):

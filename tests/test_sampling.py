@@ -283,3 +283,15 @@ def test_tau_kept_on_the_host_or_on_the_device_is_the_same():
     assert results[0] == pytest.approx(results[1]) and results[0][1] == 1
     sampler.update_tau(torch.tensor([1.0, float("nan")]))
     assert not bool(sampler.finite)
+
+
+def test_b_and_b_big_are_global_and_must_divide_among_the_processes():
+    from importance_sampling.distributed import Distributed
+
+    sampler = ImportanceSampler("upper_bound", batch_size=64, presample_size=192)
+    sampler.setup(1000, dist=Distributed(rank=1, world_size=4))
+    assert (sampler.batch_r, sampler.presample_r) == (16, 48)  # each process's share
+    with pytest.raises(ValueError, match="sampler.batch_size=64 is not divisible by the 3 proc"):
+        ImportanceSampler("upper_bound", batch_size=64).setup(1000, dist=Distributed(0, 3))
+    with pytest.raises(ValueError, match="sampler.presample_size=191 is not divisible by the 2"):
+        ImportanceSampler("upper_bound", 64, presample_size=191).setup(1000, dist=Distributed(0, 2))

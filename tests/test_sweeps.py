@@ -15,6 +15,9 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
+from conftest import load_script
+
+from importance_sampling.sweeps import SweepProgress, run_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
@@ -390,26 +393,42 @@ def test_a_multirun_reports_where_its_runs_went(tmp_path):
 
 
 # ---------------------------------------------------------------- scripts/time_to_loss.py
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_time_to_loss_counts_the_runs_and_follows_each_from_its_metrics(tmp_path):
     ttl = load_script("time_to_loss")
     assert ttl.expected_runs(["uniform", "loss"], [0, 1, 2], ["trainer.time_budget=5"]) == 6
     assert ttl.expected_runs(["uniform"], [0], ["optimizer.lr=0.1,0.05", "threads=1"]) == 2
     run = tmp_path / "run"
     run.mkdir()
-    assert ttl.run_fraction(run, {"time_budget": 10}) == 0.0  # no metrics yet
+    assert run_fraction(run, {"time_budget": 10}) == 0.0  # no metrics yet
     (run / "metrics.csv").write_text("step,epoch,train_time\n0,0,0.0\n50,0.5,2.5\n")
-    assert ttl.run_fraction(run, {"time_budget": 10, "max_steps": None}) == 0.25
-    assert ttl.run_fraction(run, {"time_budget": None, "max_steps": 100}) == 0.5
-    assert ttl.run_fraction(run, {"time_budget": 10, "max_epochs": 1}) == 0.5  # the first limit
+    assert run_fraction(run, {"time_budget": 10, "max_steps": None}) == 0.25
+    assert run_fraction(run, {"time_budget": None, "max_steps": 100}) == 0.5
+    assert run_fraction(run, {"time_budget": 10, "max_epochs": 1}) == 0.5  # the first limit
+
+
+def test_a_resumed_sweeps_time_left_counts_only_the_new_runs(tmp_path):
+    """An interrupted protocol run again finds runs already done: they must not count as done in
+    this session's first second, or the bar promises the rest in a minute."""
+    sweep = tmp_path / "sweep"
+    for i in range(3):
+        run = sweep / f"done{i}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text("trainer: {time_budget: 10}\n")
+        (run / "summary.json").write_text("{}")
+    progress = SweepProgress(sweep, total=6, log=tmp_path / "none.log")
+    progress.poll()
+    assert progress.bar.n == 3 and progress.bar.initial == 3
+    started = progress.bar.start_t
+    progress.bar.start_t = started - 100  # 100 s later, one more run done
+    run = sweep / "new"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("trainer: {time_budget: 10}\n")
+    (run / "summary.json").write_text("{}")
+    progress.poll()
+    meter = progress.bar.format_dict
+    rate = (meter["n"] - meter["initial"]) / meter["elapsed"]
+    assert rate == pytest.approx(1 / 100, rel=0.05)  # one run per 100 s, not four
+    progress.close()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import load_script
 
 from importance_sampling import analysis, tuning
 from importance_sampling.data import (
@@ -212,15 +213,6 @@ def test_choosing_refuses_runs_on_the_test_set_and_samplers_without_a_usable_run
 
 
 # ---------------------------------------------------------------- the whole protocol
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def final_row(run_dir: Path) -> dict:
     return pd.read_csv(run_dir / "metrics.csv").iloc[-1].to_dict()
 
