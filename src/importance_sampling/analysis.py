@@ -708,11 +708,17 @@ def figure(runs: pd.DataFrame, table: pd.DataFrame, title: str | None = None):
         Line2D([], [], lw=2, ms=5, label=_seeds_label(runs, s), **sampler_style(s))
         for s in samplers_in_order(runs["sampler"])
     ]
-    handles.append(censored_patch())
+    return legend_below(fig, handles, ncols=5, title=title)
+
+
+def legend_below(fig, handles: list, ncols: int, title: str | None = None):
+    """One legend for all of a figure's panels, under them (the censored-bar entry last), and
+    the figure's title."""
+    handles = [*handles, censored_patch()]
     fig.legend(
         handles=handles,
         loc="outside lower center",
-        ncols=min(len(handles), 5),
+        ncols=min(len(handles), ncols),
         fontsize=9,
         handlelength=3.5,
         frameon=False,

@@ -493,18 +493,7 @@ def figure(runs: pd.DataFrame, selection: pd.DataFrame, accuracy: pd.DataFrame, 
         )
         for s in analysis.samplers_in_order(runs["sampler"])
     ]
-    handles.append(analysis.censored_patch())
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncols=min(len(handles), 3),
-        fontsize=9,
-        handlelength=3.5,
-        frameon=False,
-    )
-    if title:
-        fig.suptitle(title)
-    return fig
+    return analysis.legend_below(fig, handles, ncols=3, title=title)
 
 
 # ---------------------------------------------------------------- files
