@@ -6,7 +6,8 @@
     torchrun --standalone --nproc_per_node=2 train.py dataset=fashion_mnist   # data-parallel
 
 Each run writes metrics.csv, summary.json and its composed config (.hydra/) to its run directory.
-The library (src/importance_sampling) does the work; importance_sampling.builder reads the config.
+The library (src/importance_sampling) does the work; importance_sampling.config.builder reads
+the config.
 
 Exit status: 0 done; 1 a bad option, missing data, a diverged run or an unusable checkpoint (one
 line on stderr, starting with "error:"); 128 + the signal's number when SIGTERM (143) or SIGUSR1
@@ -27,19 +28,17 @@ from hydra.errors import HydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from importance_sampling.builder import ConfigError, run  # noqa: E402
-from importance_sampling.data import DataError  # noqa: E402
-from importance_sampling.distributed import (  # noqa: E402
+from importance_sampling.config.builder import ConfigError, run  # noqa: E402
+from importance_sampling.config.launch import (  # noqa: E402
     close_ranks,
     launched_ranks,
     shared_run_stamp,
 )
-from importance_sampling.schema import config_error_line  # noqa: E402
-from importance_sampling.trainer import (  # noqa: E402
-    CheckpointError,
-    TrainingError,
-    TrainingStopped,
-)
+from importance_sampling.config.schema import config_error_line  # noqa: E402
+from importance_sampling.engine.checkpoints import CheckpointError  # noqa: E402
+from importance_sampling.engine.data import DataError  # noqa: E402
+from importance_sampling.engine.stopping import TrainingStopped  # noqa: E402
+from importance_sampling.engine.trainer import TrainingError  # noqa: E402
 
 
 @hydra.main(

@@ -34,15 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def loading(args) -> list[str]:
     from torch.utils.data import DataLoader
 
-    from importance_sampling.budget import Budget
-    from importance_sampling.data import fashion_mnist
-    from importance_sampling.models import MLP
-    from importance_sampling.runtime import Runtime
-    from importance_sampling.samplers import ImportanceSampler
-    from importance_sampling.sampling import importance_probabilities, resample
-    from importance_sampling.scores import cross_entropy, upper_bound_scores
-    from importance_sampling.sources import LoaderOptions
-    from importance_sampling.trainer import Trainer
+    from importance_sampling.core.samplers import ImportanceSampler
+    from importance_sampling.core.sampling import importance_probabilities, resample
+    from importance_sampling.core.scores import cross_entropy, upper_bound_scores
+    from importance_sampling.engine.budget import Budget
+    from importance_sampling.engine.data import fashion_mnist
+    from importance_sampling.engine.models import MLP
+    from importance_sampling.engine.runtime import Runtime
+    from importance_sampling.engine.sources import LoaderOptions
+    from importance_sampling.engine.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     data = fashion_mnist(ROOT / "data")

@@ -4,9 +4,9 @@ For each model (random weights, random inputs of the experiment's shapes, eval m
 scores), times side by side in one process, interleaved, median of ``--reps``:
   upper_bound  a no-grad forward over the B presampled points + the upper-bound scores;
   fwd_bwd      one ordinary forward + backward of the mean loss over the same B points;
-  new          the exact gradient norms (scores.gradient_norm_scores: one forward + backward with
+  new          the exact gradient norms (grad_norms.gradient_norm_scores: one forward + backward with
                closed forms per layer, grad_norms.py);
-  vmap         the same norms by torch.func (scores.gradient_norm_scores_vmap: every per-sample
+  vmap         the same norms by torch.func (grad_norms.gradient_norm_scores_vmap: every per-sample
                gradient materialised).
 and prints new / fwd_bwd and vmap / fwd_bwd (targets: new / fwd_bwd <= 1.5 for mlp, cnn and wrn;
 new never slower than vmap), with the largest relative difference between the two exact paths.
@@ -34,13 +34,9 @@ from pathlib import Path
 
 import torch
 
-from importance_sampling.models import CNN, MLP, LSTMClassifier, WideResNet
-from importance_sampling.scores import (
-    cross_entropy,
-    gradient_norm_scores,
-    gradient_norm_scores_vmap,
-    upper_bound_scores,
-)
+from importance_sampling.core.grad_norms import gradient_norm_scores, gradient_norm_scores_vmap
+from importance_sampling.core.scores import cross_entropy, upper_bound_scores
+from importance_sampling.engine.models import CNN, MLP, LSTMClassifier, WideResNet
 
 CHUNK = 1024  # the sampler's score_chunk_size: B <= 1024 is scored in one chunk
 

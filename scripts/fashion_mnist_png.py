@@ -20,7 +20,12 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from importance_sampling.data import DEBIAN_FASHION_MNIST, IDX_FILES, DataError, fashion_mnist
+from importance_sampling.engine.data import (
+    DEBIAN_FASHION_MNIST,
+    IDX_FILES,
+    DataError,
+    fashion_mnist,
+)
 
 CLASSES = (
     "t-shirt_top",

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from importance_sampling.sweeps import SAMPLERS, SweepProgress, split_overrides
+from importance_sampling.config.sweeps import SAMPLERS, SweepProgress, split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = "sweep.log"

@@ -23,7 +23,7 @@ finish an interrupted protocol: completed runs are kept). One progress bar follo
 protocol. Any key=value argument is passed to every run (e.g. trainer.time_budget=60 threads=2).
 The report (table.md, figure.png, runs.csv, selection.csv, equal_time.csv, time_to_accuracy.csv,
 time_to_loss.csv, protocol.json) goes to the protocol folder, or --out (a committed reference:
---out results/<name>). See importance_sampling.tuning.
+--out results/<name>). See importance_sampling.analysis.tuning.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from importance_sampling.sweeps import SAMPLERS, SweepProgress, split_overrides
+from importance_sampling.config import builder
+from importance_sampling.config.sweeps import SAMPLERS, SweepProgress, split_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,14 +51,7 @@ START_UP = 7.0  # seconds to start a run and load its data (Fashion-MNIST, this 
 
 def compose(experiment: str, overrides: list[str]):
     """The preset's config as train.py composes it (checks the overrides before hours of runs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(
-            config_name="config", overrides=[f"experiment={experiment}", *overrides]
-        )
+    return builder.compose(f"experiment={experiment}", *overrides)
 
 
 def evaluation_seconds(cfg) -> float:
@@ -68,8 +62,8 @@ def evaluation_seconds(cfg) -> float:
     import torch
     from hydra.utils import instantiate
 
-    from importance_sampling.builder import build_dataset
-    from importance_sampling.data import TensorDataset
+    from importance_sampling.config.builder import build_dataset
+    from importance_sampling.engine.data import TensorDataset
 
     t = cfg.trainer
     if not t.eval_every_seconds:
@@ -236,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from importance_sampling import tuning
+    from importance_sampling.analysis import tuning
 
     if args.report_only is not None:
         return write_report(args, args.report_only, None)
@@ -358,7 +352,7 @@ def write_report(args, folder: Path, protocol: dict | None) -> int:
     """The report of a protocol folder (selection/ and final/ runs) or of a saved report (into
     outputs/tuned/<its name>/ unless --out: a committed reference is only rewritten when --out
     names it)."""
-    from importance_sampling import tuning
+    from importance_sampling.analysis import tuning
 
     try:
         if (folder / "selection").is_dir() and (folder / "final").is_dir():

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from importance_sampling.analysis import DATASET_NAMES
-from importance_sampling.variance import (
+from importance_sampling.analysis.variance import (
     ordering_by_step,
     ordering_holds,
     plot_variance,
@@ -58,18 +58,18 @@ def measure_checkpoint(run_dir: Path) -> None:
     on the presample the run would have measured (same seed): writes ``run_dir/variance.csv``."""
     from omegaconf import OmegaConf
 
-    from importance_sampling.builder import build_trainer
-    from importance_sampling.outputs import load_checkpoint
-    from importance_sampling.variance import VarianceCallback
+    from importance_sampling.config.builder import build_trainer
+    from importance_sampling.engine.checkpoints import load_checkpoint, restore
+    from importance_sampling.engine.variance import VarianceCallback
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.trainer.progress, cfg.logger = False, {}  # nothing but the measurement
     cfg.variance.every_rows = 0
     trainer = build_trainer(cfg, run_dir)
     # the model, and the sampler for the trainer's tau at the checkpoint
-    trainer.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt", trainer.device))
+    restore(trainer, load_checkpoint(run_dir / "checkpoint.pt", trainer.device))
     options = {k: v for k, v in cfg.get("variance", {}).items() if k != "every_rows"}
-    VarianceCallback(**options).measure(trainer)
+    VarianceCallback(every_rows=1, **options).measure(trainer)
     print(f"measured the checkpoint at step {trainer.step}", flush=True)
 
 

@@ -11,7 +11,7 @@ from conftest import load_script
 
 from importance_sampling import analysis
 from importance_sampling.analysis import first_crossing, value_at
-from importance_sampling.outputs import METRICS_COLUMNS
+from importance_sampling.engine.outputs import METRICS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -338,6 +338,7 @@ def test_at_after_every_run_warns_and_uses_the_end_of_the_shortest(sweep_dir, tm
     assert equal["train_loss_median"].notna().all()
 
 
+@pytest.mark.slow
 def test_aggregating_a_runs_csv_never_writes_beside_it(sweep_dir, tmp_path, monkeypatch):
     aggregate = load_script("aggregate")
 
@@ -365,7 +366,7 @@ def test_titles_name_the_data_actually_used_and_seeds_agree_in_number():
 
 # ---------------------------------------------------------------- figures
 def test_every_sampler_has_its_own_colour_and_line_style_in_every_figure():
-    from importance_sampling.styles import SAMPLER_STYLES, sampler_style
+    from importance_sampling.analysis.styles import SAMPLER_STYLES, sampler_style
 
     samplers = {p.stem for p in (ROOT / "conf" / "sampler").glob("*.yaml")}
     assert samplers <= set(SAMPLER_STYLES)
@@ -381,7 +382,7 @@ def test_the_figure_draws_each_sampler_in_its_style_and_hatches_censored_bars(sw
     matplotlib.use("Agg")
     from matplotlib.colors import to_rgba
 
-    from importance_sampling.styles import sampler_style
+    from importance_sampling.analysis.styles import sampler_style
 
     table = analysis.speedup(analysis.time_to_loss(sweep, [0.5, 0.01]))
     fig = analysis.figure(sweep, table, "title")

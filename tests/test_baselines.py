@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from importance_sampling.baselines import (
+from importance_sampling.core.baselines import (
     HistorySampler,
     InfoBatchSampler,
     OnlineBatchSampler,
@@ -14,8 +14,8 @@ from importance_sampling.baselines import (
     rank_by_loss,
     rank_probabilities,
 )
-from importance_sampling.samplers import ImportanceSampler, Presample
-from importance_sampling.scores import cross_entropy
+from importance_sampling.core.samplers import ImportanceSampler, Presample
+from importance_sampling.core.scores import cross_entropy
 
 CPU = torch.device("cpu")
 
@@ -151,7 +151,7 @@ def test_infobatch_prunes_below_mean_losses_and_rescales_the_kept():
         kept_weight[s.share] += s.weights[s.share]
     # E[kept * weight] = (1 - r) / (1 - r) = 1 for every sample: the expected gradient is kept
     torch.testing.assert_close(kept_weight / 400, torch.ones(4), atol=0.25, rtol=0)
-    s.progress = 0.9  # past anneal: everything, weight 1
+    s.before_step(0.9)  # past anneal: everything, weight 1
     s.new_pass()
     assert sorted(s.share.tolist()) == [0, 1, 2, 3] and torch.all(s.weights == 1)
 
@@ -197,7 +197,7 @@ def test_auto_threshold_is_the_measured_cost_ratio():
 
 @pytest.mark.parametrize("sampler", ["online_batch", "history", "selective_backprop", "infobatch"])
 def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     cfg = compose(
         f"sampler={sampler}",
@@ -217,7 +217,7 @@ def test_each_baseline_trains_through_train_py(sampler, compose, tmp_path):
 
 
 def test_auto_threshold_run_logs_costs_and_threshold(compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     cfg = compose(
         "sampler.tau_threshold=auto",
@@ -240,7 +240,7 @@ def test_infobatch_anneals_at_the_right_pass_of_a_pass_budget(anneal, compose, t
     the trainer, pass k starts at exactly k / 10 of it, so passes 1-8 prune (pass 0 has no loss
     to prune by), pass 9 starts at 0.9 >= anneal and trains on everything, and the run stops
     after exactly 10 passes of full batches (a pass's last partial batch is dropped)."""
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     started = []
     original = InfoBatchSampler.new_pass

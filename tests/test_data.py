@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from importance_sampling.data import (
+from importance_sampling.engine.data import (
     DEBIAN_FASHION_MNIST,
     DataError,
     digits,
@@ -96,3 +96,23 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
     data = fashion_mnist(tmp_path / "data")
     assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.train_y).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("test_fraction, seed", [(0.2, 0), (0.2, 7), (0.35, 3), (0.1, 123)])
+def test_the_digits_split_is_scikit_learns_stratified_split(test_fraction, seed):
+    """digits() reads scikit-learn's file and splits it without importing scikit-learn: the
+    same points, in the same order, as train_test_split(..., stratify=labels)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from importance_sampling.engine.data import _digits_file, stratified_split
+
+    images, labels = load_digits(return_X_y=True)
+    ours_images, ours_labels = _digits_file()
+    assert np.array_equal(images, ours_images) and np.array_equal(labels, ours_labels)
+    expected = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    for mine, theirs in zip(stratified_split(labels, test_fraction, seed), expected, strict=True):
+        assert np.array_equal(mine, theirs)

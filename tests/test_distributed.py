@@ -20,20 +20,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from importance_sampling.baselines import (
+from importance_sampling.core.baselines import (
     HistorySampler,
     InfoBatchSampler,
     OnlineBatchSampler,
     SelectiveBackpropSampler,
 )
-from importance_sampling.budget import Budget
-from importance_sampling.data import digits
-from importance_sampling.distributed import Distributed
-from importance_sampling.models import MLP
-from importance_sampling.runtime import Runtime
-from importance_sampling.samplers import ImportanceSampler, UniformSampler
-from importance_sampling.scores import cross_entropy
-from importance_sampling.trainer import Trainer, TrainingStopped
+from importance_sampling.core.collectives import Distributed
+from importance_sampling.core.samplers import ImportanceSampler, UniformSampler
+from importance_sampling.core.scores import cross_entropy
+from importance_sampling.engine.budget import Budget
+from importance_sampling.engine.data import digits
+from importance_sampling.engine.models import MLP
+from importance_sampling.engine.runtime import Runtime
+from importance_sampling.engine.stopping import TrainingStopped
+from importance_sampling.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -124,7 +125,9 @@ EVERY_SAMPLER = {  # tau_threshold=1, no moving average: importance sampling fro
     "gradient_norm": lambda: ImportanceSampler(
         "gradient_norm", 32, tau_threshold=1.0, tau_momentum=0.0
     ),
-    "history": lambda: HistorySampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "history": lambda: HistorySampler(
+        "upper_bound", batch_size=32, tau_threshold=1.0, tau_momentum=0.0
+    ),
     "online_batch": lambda: OnlineBatchSampler(32),
     "selective_backprop": lambda: SelectiveBackpropSampler(32),
     "infobatch": lambda: InfoBatchSampler(32, num_passes=1),
@@ -434,7 +437,7 @@ def test_slurm_tasks_are_ranks_that_meet_whatever_the_submitting_shell_left(monk
     """Each task of a SLURM job of 2 tasks (hydra/launcher=slurm with tasks_per_node=2, here on
     2 nodes) is one rank, and both reach the same address. sbatch copies the submitting shell's
     environment into the job: a MASTER_ADDR left there (a torchrun session) must not win."""
-    from importance_sampling.distributed import _from_slurm, launched_ranks
+    from importance_sampling.config.launch import _from_slurm, launched_ranks
 
     exported = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
     job = {

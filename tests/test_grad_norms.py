@@ -7,16 +7,23 @@ import pytest
 import torch
 from torch import nn
 
-from importance_sampling.grad_norms import (
+from importance_sampling.core.grad_norms import (
     ConvFactors,
     Factors,
     GradNormRecorder,
     _conv,
     _sq_norm,
     gradient_norm_scores,
+    gradient_norm_scores_vmap,
 )
-from importance_sampling.models import CNN, MLP, LSTMClassifier, TorchvisionResNet, WideResNet
-from importance_sampling.scores import cross_entropy, gradient_norm_scores_vmap
+from importance_sampling.core.scores import cross_entropy
+from importance_sampling.engine.models import (
+    CNN,
+    MLP,
+    LSTMClassifier,
+    TorchvisionResNet,
+    WideResNet,
+)
 
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64: exact up to rounding
 
@@ -372,14 +379,15 @@ def test_uniform_steps_of_the_gradient_norm_sampler_take_tau_from_their_own_back
     in the step's backward: no scoring pass (which would fail here)."""
     import copy
 
-    from importance_sampling import samplers
-    from importance_sampling.budget import Budget
-    from importance_sampling.data import digits
-    from importance_sampling.models import MLP
-    from importance_sampling.runtime import Runtime
-    from importance_sampling.sampling import score_sums, tau_from_sums
-    from importance_sampling.scores import cross_entropy, gradient_norm_scores
-    from importance_sampling.trainer import Trainer
+    from importance_sampling.core import samplers
+    from importance_sampling.core.grad_norms import gradient_norm_scores
+    from importance_sampling.core.sampling import score_sums, tau_from_sums
+    from importance_sampling.core.scores import cross_entropy
+    from importance_sampling.engine.budget import Budget
+    from importance_sampling.engine.data import digits
+    from importance_sampling.engine.models import MLP
+    from importance_sampling.engine.runtime import Runtime
+    from importance_sampling.engine.trainer import Trainer
 
     data = digits()
     torch.manual_seed(0)

@@ -12,13 +12,13 @@ import inspect
 import pytest
 import torch
 
-from importance_sampling.baselines import HistorySampler
-from importance_sampling.budget import Budget
-from importance_sampling.data import digits
-from importance_sampling.models import MLP
-from importance_sampling.runtime import Runtime
-from importance_sampling.samplers import ImportanceSampler, UniformSampler
-from importance_sampling.trainer import Trainer
+from importance_sampling.core.baselines import HistorySampler
+from importance_sampling.core.samplers import ImportanceSampler, UniformSampler
+from importance_sampling.engine.budget import Budget
+from importance_sampling.engine.data import digits
+from importance_sampling.engine.models import MLP
+from importance_sampling.engine.runtime import Runtime
+from importance_sampling.engine.trainer import Trainer
 
 READS = ("item", "__bool__", "__float__", "__int__", "tolist")
 
@@ -48,7 +48,9 @@ SAMPLERS = {
     "gradient_norm": lambda: ImportanceSampler(
         "gradient_norm", 32, tau_threshold=1.0, tau_momentum=0.0
     ),
-    "history": lambda: HistorySampler("upper_bound", 32, tau_threshold=1.0, tau_momentum=0.0),
+    "history": lambda: HistorySampler(
+        "upper_bound", batch_size=32, tau_threshold=1.0, tau_momentum=0.0
+    ),
 }
 
 

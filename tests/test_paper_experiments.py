@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from importance_sampling.data import (
+from importance_sampling.core.scores import cross_entropy, upper_bound_scores
+from importance_sampling.engine.data import (
     DataError,
     RandomCropFlip,
     cifar10,
@@ -23,14 +24,19 @@ from importance_sampling.data import (
     pixel_mnist,
     svhn,
 )
-from importance_sampling.models import CNN, MLP, LSTMClassifier, TorchvisionResNet, WideResNet
-from importance_sampling.scores import cross_entropy, upper_bound_scores
+from importance_sampling.engine.models import (
+    CNN,
+    MLP,
+    LSTMClassifier,
+    TorchvisionResNet,
+    WideResNet,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
 PRESETS = ["cifar10_wrn", "cifar100_wrn", "finetune_resnet", "pixel_mnist_lstm"]
 FOUR_STEPS = [  # a preset at scale=cpu, cut to 4 steps with a metrics row every 2
-    "threads=2",
+    "threads=1",
     "trainer.time_budget=null",
     "trainer.max_steps=4",
     "trainer.eval_every_steps=2",
@@ -215,12 +221,13 @@ def test_pretrained_weights_load_from_a_file_or_say_how_to_get_them(tmp_path, mo
         TorchvisionResNet((3, 32, 32), 3, arch="resnet18", weights="imagenet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_trains_at_cpu_scale_with_every_sampler(
     preset, sampler, data_dir, compose, tmp_path, monkeypatch
 ):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
     cfg = compose(
@@ -237,11 +244,12 @@ def test_every_preset_trains_at_cpu_scale_with_every_sampler(
     assert (tmp_path / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path, monkeypatch):
     """bf16 autocast and channels_last are on by default on CUDA only; forcing them on the CPU
     runs the same code (scoring under autocast, NHWC data, row-level finiteness checks)."""
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     monkeypatch.setenv("IS_DATA_DIR", str(data_dir))
     cfg = compose(
@@ -266,6 +274,7 @@ def test_the_cuda_code_paths_run_on_the_cpu(preset, data_dir, compose, tmp_path,
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+@pytest.mark.slow
 def test_benchmark_script_prints_the_three_timings(tmp_path):
     """Smoke test only: the speed target itself is read off the script's output, not asserted."""
     import subprocess

@@ -19,8 +19,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from importance_sampling import schema
-from importance_sampling.outputs import load_checkpoint
+from importance_sampling.config import schema
+from importance_sampling.engine.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,19 +170,18 @@ def numeric_fields(node_type: type) -> list[tuple[str, str, str]]:
 def wrong_type_cases() -> list[tuple[list[str], str, str, str]]:
     """(group choice, key, bad value, expected) for every numeric key of every schema: each
     group's options (one per schema) and the sections of config.yaml."""
-    from hydra import compose, initialize_config_dir
+    from importance_sampling.config.builder import compose
 
     cases, seen = [], set()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for group in ("dataset", "model", "sampler", "optimizer", "logger"):
-            for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
-                node_type = OmegaConf.get_type(compose("config", [f"{group}={option}"])[group])
-                if is_dataclass(node_type) and node_type not in seen:
-                    seen.add(node_type)
-                    cases += [
-                        ([f"{group}={option}"], f"{group}.{key}", bad, expected)
-                        for key, bad, expected in numeric_fields(node_type)
-                    ]
+    for group in ("dataset", "model", "sampler", "optimizer", "logger"):
+        for option in sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")):
+            node_type = OmegaConf.get_type(compose(f"{group}={option}")[group])
+            if is_dataclass(node_type) and node_type not in seen:
+                seen.add(node_type)
+                cases += [
+                    ([f"{group}={option}"], f"{group}.{key}", bad, expected)
+                    for key, bad, expected in numeric_fields(node_type)
+                ]
     for section, node_type in [
         ("", schema.Config),
         ("trainer.", schema.TrainerConf),
@@ -215,6 +214,7 @@ def test_every_group_and_section_has_wrong_type_cases():
     assert len(WRONG_TYPES) > 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "choice, key, bad, expected", WRONG_TYPES, ids=[f"{k}={b}" for _, k, b, _ in WRONG_TYPES]
 )
@@ -251,8 +251,8 @@ def test_corrupt_dataset_files_name_the_directory(tmp_path, monkeypatch, capsys)
 
 
 def test_model_whose_output_does_not_match_the_classes_is_rejected():
-    from importance_sampling import builder
-    from importance_sampling.data import digits
+    from importance_sampling.config import builder
+    from importance_sampling.engine.data import digits
 
     with pytest.raises(builder.ConfigError, match=r"output shape \(2, 7\) .* 10 classes"):
         builder.check_model_output(
@@ -263,8 +263,8 @@ def test_model_whose_output_does_not_match_the_classes_is_rejected():
 
 
 def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_path):
-    from importance_sampling import builder
-    from importance_sampling.trainer import TrainingError
+    from importance_sampling.config import builder
+    from importance_sampling.engine.trainer import TrainingError
 
     cfg = compose(
         "optimizer.lr=1e6",
@@ -289,8 +289,9 @@ def test_diverging_run_stops_with_the_step_and_keeps_its_results(compose, tmp_pa
 def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_path):
     """check_finite=row (the CUDA default: no host sync per step) notices at the next metrics row
     at the latest; the model is broken by then, so checkpoint.pt stays the last healthy row's."""
-    from importance_sampling import builder
-    from importance_sampling.trainer import TrainingError, load_checkpoint
+    from importance_sampling.config import builder
+    from importance_sampling.engine.checkpoints import load_checkpoint
+    from importance_sampling.engine.trainer import TrainingError
 
     cfg = compose(
         "optimizer.lr=1e6",
@@ -322,8 +323,9 @@ def test_divergence_keeps_the_checkpoint_of_the_last_healthy_row(compose, tmp_pa
     ],
 )
 def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path, monkeypatch):
-    from importance_sampling import builder, samplers
-    from importance_sampling.trainer import TrainingError
+    from importance_sampling.config import builder
+    from importance_sampling.core import samplers
+    from importance_sampling.engine.trainer import TrainingError
 
     def scores(logits, targets, loss_fn):
         if nan_in == "presamples" and len(logits) != 384:
@@ -345,7 +347,8 @@ def test_non_finite_scores_stop_the_run(nan_in, tau_threshold, compose, tmp_path
 
 
 def test_all_equal_scores_fall_back_to_uniform_and_are_counted(compose, tmp_path, monkeypatch):
-    from importance_sampling import builder, samplers
+    from importance_sampling.config import builder
+    from importance_sampling.core import samplers
 
     monkeypatch.setattr(samplers, "upper_bound_scores", lambda logits, *a: torch.ones(len(logits)))
     cfg = compose(
@@ -370,10 +373,10 @@ COMMON = [
     "sampler.tau_threshold=1.2",
     "threads=1",
     "trainer.time_budget=null",
-    "trainer.max_steps=6000",
-    "trainer.eval_every_steps=500",
+    "trainer.max_steps=3000",
+    "trainer.eval_every_steps=250",
     "trainer.eval_every_seconds=null",
-    "trainer.checkpoint_every=1000",
+    "trainer.checkpoint_every=500",
     "trainer.checkpoint_unit=steps",
     "trainer.progress=false",
 ]
@@ -438,7 +441,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(reference, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(reference)
-    assert json.loads((killed / "summary.json").read_text())["step"] == 6000
+    assert json.loads((killed / "summary.json").read_text())["step"] == 3000
 
 
 @pytest.mark.slow
@@ -463,7 +466,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_to_the_same_metrics(
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["error"].endswith(f"after step {step}")
     assert metrics(stopped)[: len(rows_before)] == rows_before  # nothing lost
-    assert int(metrics(stopped)[-1]["step"]) <= step < 6000
+    assert int(metrics(stopped)[-1]["step"]) <= step < 3000
 
     resumed = subprocess.run(
         cli(stopped, "trainer.resume=true"), env=env, capture_output=True, text=True, timeout=600
@@ -473,8 +476,8 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_to_the_same_metrics(
 
 
 def test_checkpoint_loads_with_weights_only(compose, tmp_path):
-    from importance_sampling import builder
-    from importance_sampling.trainer import load_checkpoint
+    from importance_sampling.config import builder
+    from importance_sampling.engine.checkpoints import load_checkpoint
 
     cfg = compose(
         "trainer.time_budget=null",
@@ -506,14 +509,10 @@ SMALL = [
 def healthy_run(tmp_path_factory) -> Path:
     """A finished run directory (metrics.csv, summary.json, checkpoint.pt) of the default
     configuration: upper_bound, MLP [256, 256], SGD, digits."""
-    from hydra import compose, initialize_config_dir
-
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     run = tmp_path_factory.mktemp("healthy")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [*SMALL, "trainer.progress=false"])
-    builder.run(cfg, run)
+    builder.run(builder.compose(*SMALL, "trainer.progress=false"), run)
     return run
 
 
@@ -615,7 +614,7 @@ def keep_threads():
 def test_sigterm_during_evaluation_finishes_the_row_then_stops_and_resumes_exactly(
     tmp_path, monkeypatch, capsys, keep_threads
 ):
-    from importance_sampling import trainer
+    from importance_sampling.engine import trainer
 
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     assert run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=reference)[0] == 0
@@ -659,7 +658,7 @@ def test_signals_while_saving_are_ignored_and_the_checkpoint_is_whole(
 ):
     """SIGUSR1 in the middle of a step: the step finishes, the state after it is saved; two
     SIGTERMs while it is being written change nothing; the exit code is SIGUSR1's."""
-    from importance_sampling.trainer import Trainer
+    from importance_sampling.engine.trainer import Trainer
 
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     assert run_main(SHORT, tmp_path, monkeypatch, capsys, run_dir=reference)[0] == 0
@@ -709,7 +708,7 @@ def test_signals_while_saving_are_ignored_and_the_checkpoint_is_whole(
 def test_a_process_forked_during_a_run_still_ends_on_sigterm():
     """A DataLoader worker forked while fit runs inherits its handler; SIGTERM must still end it
     (the stop is the training process's, not the worker's)."""
-    from importance_sampling.stopping import StopRequest
+    from importance_sampling.engine.stopping import StopRequest
 
     with StopRequest() as stop:
         pid = os.fork()

@@ -3,9 +3,9 @@ import itertools
 import pytest
 import torch
 
-from importance_sampling.order import EpochOrder
-from importance_sampling.samplers import ImportanceSampler, Presample, UniformSampler
-from importance_sampling.sampling import (
+from importance_sampling.core.order import EpochOrder
+from importance_sampling.core.samplers import ImportanceSampler, Presample, UniformSampler
+from importance_sampling.core.sampling import (
     NonFiniteScoresError,
     VarianceReductionSwitch,
     default_tau_threshold,
@@ -16,7 +16,7 @@ from importance_sampling.sampling import (
     score_sums,
     tau_from_sums,
 )
-from importance_sampling.scores import cross_entropy
+from importance_sampling.core.scores import cross_entropy
 
 
 def tau_as_written_in_the_paper(g):
@@ -286,7 +286,7 @@ def test_tau_kept_on_the_host_or_on_the_device_is_the_same():
 
 
 def test_b_and_b_big_are_global_and_must_divide_among_the_processes():
-    from importance_sampling.distributed import Distributed
+    from importance_sampling.core.collectives import Distributed
 
     sampler = ImportanceSampler("upper_bound", batch_size=64, presample_size=192)
     sampler.setup(1000, dist=Distributed(rank=1, world_size=4))

@@ -2,16 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from importance_sampling.models import CNN, MLP
-from importance_sampling.scores import (
-    cross_entropy,
+from importance_sampling.core.grad_norms import (
     gradient_norm_scores,
     gradient_norm_scores_vmap,
-    loss_scores,
-    mse,
     per_sample_gradients,
-    upper_bound_scores,
 )
+from importance_sampling.core.scores import cross_entropy, loss_scores, mse, upper_bound_scores
+from importance_sampling.engine.models import CNN, MLP
 
 
 def autograd_logit_grad_norms(logits, targets, loss_fn):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import documented_shell_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local_slurm.sh"
@@ -28,12 +29,10 @@ NEEDED = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scont
 
 
 def readme_command(tasks: int = 1) -> list[str]:
-    """The arguments of the README's SLURM command on one machine whose jobs have ``tasks``
+    """The arguments of the documented SLURM command on one machine whose jobs have ``tasks``
     tasks (1: the sweep, 2: one data-parallel run); the tests run those commands."""
-    readme = (ROOT / "README.md").read_text()
-    lines = re.findall(
-        r"^python train\.py -m hydra/launcher=slurm .*partition=local.*$", readme, re.M
-    )
+    pattern = r"^python train\.py -m hydra/launcher=slurm .*partition=local"
+    lines = [line for line in documented_shell_lines() if re.match(pattern, line)]
     (line,) = [
         line
         for line in lines
@@ -192,16 +191,12 @@ def test_a_failed_job_of_several_ranks_is_reported_by_the_rank_that_failed_first
 
 
 def test_slurm_launcher_config_composes_over_the_plugin(tmp_path):
-    from hydra import compose, initialize_config_dir
     from hydra.core.plugins import Plugins
     from hydra.plugins.launcher import Launcher
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-            return_hydra_config=True,
-        )
+    from importance_sampling.config.builder import compose
+
+    cfg = compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("importance_sampling_slurm.slurm_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.tasks_per_node == 1
@@ -624,7 +619,7 @@ def read_rows(run: Path) -> list[dict]:
 
 
 def checkpoint_rows(run: Path) -> list[dict]:
-    from importance_sampling.trainer import load_checkpoint
+    from importance_sampling.engine.checkpoints import load_checkpoint
 
     return load_checkpoint(run / "checkpoint.pt")["rows"]
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from importance_sampling.budget import Budget
-from importance_sampling.data import DEBIAN_FASHION_MNIST, TensorDataset, image_folder
-from importance_sampling.models import MLP
-from importance_sampling.runtime import Runtime
-from importance_sampling.samplers import ImportanceSampler, UniformSampler
-from importance_sampling.sources import LoaderOptions, LoaderSource, TensorSource
-from importance_sampling.trainer import Trainer
+from importance_sampling.core.samplers import ImportanceSampler, UniformSampler
+from importance_sampling.engine.budget import Budget
+from importance_sampling.engine.data import DEBIAN_FASHION_MNIST, TensorDataset, image_folder
+from importance_sampling.engine.models import MLP
+from importance_sampling.engine.runtime import Runtime
+from importance_sampling.engine.sources import LoaderOptions, LoaderSource, TensorSource
+from importance_sampling.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = [
@@ -103,6 +103,7 @@ def assert_same_rows(a_rows, b_rows):
             assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-7, nan_ok=True), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("uniform, workers", [(True, 2), (False, 0)])
 def test_streaming_trains_exactly_like_the_in_memory_path(uniform, workers, png_tree, tmp_path):
     """Without augmentation both paths see the same pixels in the same order: the same run.
@@ -116,6 +117,7 @@ def test_streaming_trains_exactly_like_the_in_memory_path(uniform, workers, png_
     assert_same_rows(in_memory, streamed)
 
 
+@pytest.mark.slow
 def test_importance_sampling_through_worker_processes_learns_like_in_memory(png_tree, tmp_path):
     in_memory = train(folder(png_tree), tmp_path / "memory", steps=60)
     streamed = train(folder(png_tree, stream=True), tmp_path / "stream", steps=60, workers=2)
@@ -126,11 +128,13 @@ def test_importance_sampling_through_worker_processes_learns_like_in_memory(png_
     assert final[1] == pytest.approx(final[0], rel=0.3)
 
 
+@pytest.mark.slow
 def test_streaming_with_augmentation_in_the_workers_trains(png_tree, tmp_path):
     rows = train(folder(png_tree, stream=True, augment=True), tmp_path, steps=40)
     assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_a_resumed_streaming_run_reads_the_same_batches_and_views(png_tree, tmp_path):
     """Augmentation is seeded per draw and the loader's prefetched batches are checkpointed:
     20 steps = 10 steps, a checkpoint, and 10 more steps resumed from it."""
@@ -142,7 +146,7 @@ def test_a_resumed_streaming_run_reads_the_same_batches_and_views(png_tree, tmp_
 
 
 def test_any_tensor_dataset_streams_item_by_item(tmp_path):
-    from importance_sampling.data import digits
+    from importance_sampling.engine.data import digits
 
     data = digits()
     streamed = data.streaming()

@@ -4,20 +4,20 @@ W&B sweep definitions, and the analysis of a real sweep by the script and the no
 import itertools
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
 import yaml
-from conftest import load_script
+from conftest import documented_shell_lines, load_script
 
-from importance_sampling.sweeps import SweepProgress, run_fraction
+from importance_sampling.config.sweeps import SweepProgress, run_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
@@ -61,6 +61,7 @@ def sweep_definitions() -> list[Path]:
     return sorted((ROOT / "sweeps").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sweep_definitions(), ids=lambda p: p.stem)
 def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
@@ -84,8 +85,20 @@ def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
 
 
 # ---------------------------------------------------------------- W&B, real offline mode
-def read_wandb_records(run_dir: Path) -> dict[str, list]:
-    """The records of an offline W&B run (its .wandb file, a LevelDB-style log of protobufs)."""
+def read_wandb_records(run_dir: Path, timeout: float = 60.0) -> dict[str, list]:
+    """The records of an offline W&B run, once its service has written them all (the run's exit
+    record): wandb's service process may still be writing when wandb.finish() returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = parse_wandb_file(run_dir)
+        if "exit" in records or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def parse_wandb_file(run_dir: Path) -> dict[str, list]:
+    """The records of an offline W&B run's .wandb file, a LevelDB-style log of protobufs (wandb
+    0.31 ships no Python reader of its own: the one it had went with its Go service)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob("*.wandb")
@@ -127,8 +140,8 @@ def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
 ):
     import wandb
 
-    from importance_sampling import builder
-    from importance_sampling.trainer import TrainingError
+    from importance_sampling.config import builder
+    from importance_sampling.engine.trainer import TrainingError
 
     summaries = []
     for seed in (0, 1):
@@ -173,7 +186,7 @@ def test_wandb_logs_config_rows_and_summary_and_jobs_in_one_process_never_merge(
 
 
 def test_wandb_mode_follows_wandb_mode_and_disabled_always_wins(compose, monkeypatch):
-    from importance_sampling.wandb_logger import resolve_mode
+    from importance_sampling.engine.wandb_logger import resolve_mode
 
     monkeypatch.setenv("WANDB_MODE", "online")
     assert compose("logger=wandb").logger.mode == "online"
@@ -295,11 +308,10 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(joblib_sweep, tmp_path, mon
     assert (tmp_path / "saved" / "figure.png").is_file()
 
 
-def readme_commands(containing: str) -> list[str]:
-    """The README's shell lines (bash blocks) that contain ``containing``, comments cut off."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if containing in line and not line.startswith("#")]
+def documented_commands(containing: str) -> list[str]:
+    """The documented shell lines (README, docs/) that contain ``containing``, comments cut off."""
+    lines = [line.split("  #")[0].strip() for line in documented_shell_lines()]
+    return [line for line in lines if containing in line]
 
 
 def repository_copy(dest: Path) -> Path:
@@ -319,8 +331,8 @@ def repository_copy(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_readmes_notebook_commands_run_as_written(joblib_sweep, tmp_path):
-    """The README's nbconvert commands, exactly, from the root of a copy of the repository with a
+def test_the_documented_notebook_commands_run_as_written(joblib_sweep, tmp_path):
+    """The documented nbconvert commands, exactly, from the root of a copy of the repository with a
     sweep in multirun/ and a run in outputs/vr_mlp (relative paths, as the README writes them);
     then `make notebooks` (its recipe, with this interpreter for the venv's)."""
     repo = repository_copy(tmp_path / "repo")
@@ -341,7 +353,7 @@ def test_the_readmes_notebook_commands_run_as_written(joblib_sweep, tmp_path):
         assert proc.returncode == 0, command + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc
 
-    commands = readme_commands("jupyter nbconvert")
+    commands = documented_commands("jupyter nbconvert")
     assert len(commands) == 2
     for command in commands:
         shell(command.replace("<time>", "2026-01-01_00-00-00"))
@@ -352,7 +364,7 @@ def test_the_readmes_notebook_commands_run_as_written(joblib_sweep, tmp_path):
     assert "vr_mlp" in (html / "variance_reduction.html").read_text()
     shutil.rmtree(html)
 
-    assert "make notebooks" in readme_commands("make notebooks")
+    assert "make notebooks" in documented_commands("make notebooks")
     shell(f"make -o setup notebooks PY={sys.executable}")  # the newest sweep, the references
     assert "2026-01-01_00-00-00: 4 runs" in (html / "time_to_loss.html").read_text()
     assert "fashion_mnist_cnn" in (html / "variance_reduction.html").read_text()
@@ -382,6 +394,7 @@ def test_submitit_local_launcher_runs_a_small_multirun(tmp_path):
     assert "  upper_bound_seed0_1: completed, 20 steps, train loss" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_multirun_reports_where_its_runs_went(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", "sampler=uniform,loss", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -476,7 +489,7 @@ def test_unreachable_wandb_degrades_to_offline_with_one_warning(
     """Online mode without a network (or a login): one warning, the run is logged offline."""
     import wandb
 
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     real_init = wandb.init
     modes = []
@@ -498,7 +511,7 @@ def test_unreachable_wandb_degrades_to_offline_with_one_warning(
 def test_wandb_failing_mid_run_never_stops_training(compose, tmp_path, wandb_offline, monkeypatch):
     import wandb
 
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     calls = []
 

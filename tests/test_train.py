@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from importance_sampling.outputs import METRICS_COLUMNS
+from importance_sampling.engine.outputs import METRICS_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "loss", "upper_bound", "gradient_norm"]
@@ -39,7 +39,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_each_sampler_trains_on_digits_and_writes_the_contract(sampler, compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     cfg = compose(
         f"sampler={sampler}",
@@ -68,7 +68,7 @@ def test_each_sampler_trains_on_digits_and_writes_the_contract(sampler, compose,
 
 
 def test_time_budget_stops_the_run(compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     cfg = compose(
         "trainer.time_budget=1.5", "trainer.eval_every_seconds=0.5", "trainer.progress=false"
@@ -85,9 +85,9 @@ def test_compiled_model_trains_and_checkpoints_the_plain_module(compose, tmp_pat
     sampler scores through the compiled module and the checkpoint holds the original one's keys."""
     import torch
 
-    from importance_sampling import builder
-    from importance_sampling.models import MLP
-    from importance_sampling.trainer import load_checkpoint
+    from importance_sampling.config import builder
+    from importance_sampling.engine.checkpoints import load_checkpoint
+    from importance_sampling.engine.models import MLP
 
     cfg = compose(
         "trainer.compile=true",
@@ -124,7 +124,7 @@ def test_every_config_option_composes(group, compose):
 # The values the importance samplers composed to when the shared options were a file of the
 # sampler group (sampler/_importance.yaml): moving them out of the group must not change them.
 SHARED = {
-    "_target_": "importance_sampling.samplers.ImportanceSampler",
+    "_target_": "importance_sampling.core.samplers.ImportanceSampler",
     "batch_size": 128,
     "presample_size": None,
     "tau_threshold": None,
@@ -165,6 +165,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(
@@ -183,6 +184,7 @@ def test_train_py_writes_config_metrics_and_summary_in_the_run_dir(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -214,10 +216,11 @@ def test_bad_input_is_one_readable_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_each_sampler_trains_on_fashion_mnist_from_the_debian_files(sampler, compose, tmp_path):
-    from importance_sampling import builder
-    from importance_sampling.data import DEBIAN_FASHION_MNIST
+    from importance_sampling.config import builder
+    from importance_sampling.engine.data import DEBIAN_FASHION_MNIST
 
     if not Path(DEBIAN_FASHION_MNIST).is_dir():
         msg = "Debian's dataset-fashion-mnist is not installed (make data installs it)"
@@ -243,6 +246,7 @@ def test_each_sampler_trains_on_fashion_mnist_from_the_debian_files(sampler, com
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
+@pytest.mark.slow
 def test_help_lists_only_real_samplers_and_the_shared_base_is_no_choice(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -266,6 +270,7 @@ def test_help_lists_only_real_samplers_and_the_shared_base_is_no_choice(tmp_path
         assert f"Could not find 'sampler/{name}'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_says_what_it_does(tmp_path):
     """resume=true on a directory without a checkpoint says it starts anew; resume=must refuses;
     with a checkpoint it says the step it resumes from."""

@@ -16,8 +16,9 @@ import torch
 import yaml
 from conftest import load_script
 
-from importance_sampling import analysis, tuning
-from importance_sampling.data import (
+from importance_sampling import analysis
+from importance_sampling.analysis import tuning
+from importance_sampling.engine.data import (
     digits,
     hold_out_validation,
     validation_count,
@@ -71,8 +72,9 @@ def test_a_validation_split_moves_training_points_to_the_evaluation_split():
 def test_a_run_with_a_validation_split_never_reads_the_test_set(compose, tmp_path, monkeypatch):
     """The test set is poisoned (NaN inputs): a run that evaluated it would stop with a NaN test
     loss. With dataset.validation_size the run completes and reports on the validation split."""
-    from importance_sampling import builder, data
-    from importance_sampling.trainer import TrainingError
+    from importance_sampling.config import builder
+    from importance_sampling.engine import data
+    from importance_sampling.engine.trainer import TrainingError
 
     real = data.digits
 
@@ -237,7 +239,6 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
         "--seeds",
         "0",
         "1",
-        "2",
         "--validation-size",
         "300",
         "trainer.time_budget=1",
@@ -252,7 +253,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     env = {**os.environ, "IS_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "estimated duration:" in proc.stdout and "14.0/14 runs" in proc.stderr.replace(
+    assert "estimated duration:" in proc.stdout and "12.0/12 runs" in proc.stderr.replace(
         "\r", "\n"
     )
 
@@ -280,9 +281,9 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     for sampler, (_, lr, schedule) in best.items():
         assert (picks.loc[sampler, "lr"], picks.loc[sampler, "lr_schedule"]) == (lr, schedule)
         assert lr == 0.05
-    # final: the chosen settings, 3 seeds, the whole training set, the test set
-    assert runs["run"].nunique() == 6 and set(runs["eval_split"]) == {"test"}
-    assert set(runs["seed"]) == {0, 1, 2}
+    # final: the chosen settings, 2 seeds, the whole training set, the test set
+    assert runs["run"].nunique() == 4 and set(runs["eval_split"]) == {"test"}
+    assert set(runs["seed"]) == {0, 1}
     for sampler, rows in runs.groupby("sampler"):
         assert set(rows["lr"]) == {picks.loc[sampler, "lr"]}
         assert set(rows["lr_schedule"]) == {picks.loc[sampler, "lr_schedule"]}
@@ -294,7 +295,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert (out / "figure.png").stat().st_size > 20_000
     accuracy = pd.read_csv(out / "time_to_accuracy.csv")
     assert set(accuracy["sampler"]) == {"uniform", "upper_bound"}
-    assert accuracy[accuracy["sampler"] == "uniform"]["reached"].eq(3).all()
+    assert accuracy[accuracy["sampler"] == "uniform"]["reached"].eq(2).all()
     script = load_script("tuned_comparison")
     assert (
         script.main(["digits_mlp", "--report-only", str(out), "--out", str(tmp_path / "again")])
@@ -304,6 +305,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert snapshot(ROOT / "results") == before
 
 
+@pytest.mark.slow
 def test_the_protocol_refuses_overrides_it_sets_itself(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "tuned_comparison.py"), "digits_mlp", "seed=3"],

@@ -12,19 +12,19 @@ import pandas as pd
 import pytest
 import torch
 
-from importance_sampling.models import MLP, WideResNet
-from importance_sampling.sampling import importance_weights
-from importance_sampling.scores import gradient_norm_scores, per_sample_gradients
-from importance_sampling.variance import (
+from importance_sampling.analysis.variance import ordering_holds
+from importance_sampling.core.grad_norms import gradient_norm_scores, per_sample_gradients
+from importance_sampling.core.sampling import importance_weights
+from importance_sampling.core.variance import (
     DISTRIBUTIONS,
     VARIANCE_COLUMNS,
     estimator_error,
     gradient_statistics,
     measure,
-    ordering_holds,
     rank_correlation,
     trace_covariance,
 )
+from importance_sampling.engine.models import MLP, WideResNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ SMALL_RUN = [
 
 
 def test_callback_writes_variance_csv_at_its_cadence(compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     builder.run(compose(*SMALL_RUN, "variance.every_rows=2"), tmp_path)
     rows = read_variance(tmp_path)
@@ -204,7 +204,7 @@ def test_callback_writes_variance_csv_at_its_cadence(compose, tmp_path):
 
 
 def test_callback_is_off_by_default_and_measures_the_end_of_a_run(compose, tmp_path):
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     builder.run(compose(*SMALL_RUN), tmp_path / "off")
     assert not (tmp_path / "off" / "variance.csv").exists()
@@ -256,6 +256,7 @@ def script_run(tmp_path_factory):
     return out / "run", proc.stdout
 
 
+@pytest.mark.slow
 def test_script_trains_measures_and_plots(script_run):
     run_dir, stdout = script_run
     assert len(read_variance(run_dir)) == 5 * len(DISTRIBUTIONS)
@@ -263,6 +264,7 @@ def test_script_trains_measures_and_plots(script_run):
     assert "variance reduction" in stdout and "upper_bound" in stdout
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_a_small_run(script_run):
     import nbformat
     from nbclient import NotebookClient
@@ -292,7 +294,7 @@ def test_script_measures_the_checkpoint_of_a_run_that_did_not_measure(compose, t
 
     from omegaconf import OmegaConf
 
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     cfg = compose(*SMALL_RUN, "trainer.checkpoint_every=10", "trainer.checkpoint_unit=steps")
     builder.run(cfg, tmp_path)
@@ -312,7 +314,7 @@ def test_script_measures_the_checkpoint_of_a_run_that_did_not_measure(compose, t
 def test_a_resumed_run_keeps_the_measurements_up_to_its_checkpoint(compose, tmp_path):
     import shutil
 
-    from importance_sampling import builder
+    from importance_sampling.config import builder
 
     every = [
         "trainer.checkpoint_every=10",

@@ -1,4 +1,4 @@
-"""Registers the config schemas (importance_sampling/schema.py) in Hydra's ConfigStore.
+"""Registers the config schemas (importance_sampling/config/schema.py) in Hydra's ConfigStore.
 
 conf/*.yaml name their schemas in their defaults lists (``- /schema/optimizer/sgd@_here_``), so
 the schemas must be registered before any config is composed. Hydra imports every module of the
@@ -6,4 +6,4 @@ the schemas must be registered before any config is composed. Hydra imports ever
 repository's configs are composed: train.py, the compose API in a script, a test or a notebook.
 """
 
-import importance_sampling.schema  # noqa: F401  (registers on import)
+import importance_sampling.config.schema  # noqa: F401  (registers on import)

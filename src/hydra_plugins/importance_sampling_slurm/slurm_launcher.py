@@ -232,7 +232,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
     def __call__(self, sweep_overrides: list[str], *args: Any, **kwargs: Any) -> JobReturn:
         """Runs in each task of the SLURM job: one Hydra job, or one rank of it (the trainer
-        finds its peers through SLURM's variables, see importance_sampling.distributed)."""
+        finds its peers through SLURM's variables, see importance_sampling.config.launch)."""
         import submitit
 
         env = submitit.JobEnvironment()

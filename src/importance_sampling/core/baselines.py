@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .distributed import Distributed
+from .collectives import Distributed
 from .order import mix_seed, shard
 from .samplers import ImportanceSampler, Presample, Sampler, Selection, eval_mode
 from .sampling import tau_from_sums
@@ -109,7 +109,7 @@ class OnlineBatchSampler(Sampler):
     def select(self, model, presample, loss_fn, more=None) -> Selection:
         return Selection(presample, importance=True)
 
-    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None) -> None:
         self.table.update(chosen.indices, loss_scores(logits, chosen.y, loss_fn), self.steps)
 
     def state_dict(self) -> dict:
@@ -161,16 +161,14 @@ class HistorySampler(ImportanceSampler):
     def __init__(
         self,
         score: str = "upper_bound",
-        batch_size: int = 128,
-        presample_size: int | None = None,
+        *,
         tau_threshold: float | None = 1.1,
-        tau_momentum: float = 0.9,
-        tau_kind: str = "variance",
-        smoothing: float = 0.0,
         staleness: int | None = None,
         uniform_mix: float = 0.5,
-        score_chunk_size: int = 1024,
+        **options,
     ):
+        """``options``: the other options of ImportanceSampler (batch_size, presample_size,
+        tau_momentum, tau_kind, smoothing, score_chunk_size), with its defaults."""
         if not 0 <= uniform_mix <= 1:
             raise ValueError(f"sampler.uniform_mix must be in [0, 1], got {uniform_mix}")
         if score not in ("loss", "upper_bound"):
@@ -184,16 +182,7 @@ class HistorySampler(ImportanceSampler):
             )
         if staleness is not None and staleness < 1:
             raise ValueError(f"sampler.staleness must be >= 1 step or null, got {staleness}")
-        super().__init__(
-            score,
-            batch_size,
-            presample_size,
-            tau_threshold,
-            tau_momentum,
-            tau_kind,
-            smoothing,
-            score_chunk_size,
-        )
+        super().__init__(score, tau_threshold=tau_threshold, **options)
         self.name = "history"
         self.staleness, self.uniform_mix = staleness, float(uniform_mix)
         self.steps = 0
@@ -231,7 +220,7 @@ class HistorySampler(ImportanceSampler):
         mixed = keep * variance + 1 - keep
         return mixed**0.5 if self.tau_kind == "std" else mixed
 
-    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None) -> None:
         fn = loss_scores if self.score == "loss" else upper_bound_scores
         scores = fn(logits, chosen.y, loss_fn)
         self.table.update(chosen.indices, scores, self.steps)
@@ -433,7 +422,7 @@ class InfoBatchSampler(Sampler):
         weights = self.weights[presample.indices.to(self.device)]
         return Selection(presample, weights=weights, importance=self.pruned > 0)
 
-    def update(self, chosen, logits, loss_fn, model=None, grad_norms=None) -> None:
+    def update(self, chosen, logits, loss_fn, model=None) -> None:
         self.table.update(chosen.indices, loss_scores(logits, chosen.y, loss_fn), 0)
 
     def metrics(self) -> dict[str, float]:

@@ -139,20 +139,85 @@ def digits(
 ) -> TensorDataset:
     """scikit-learn's bundled handwritten digits: 1,797 8x8 grey images, 10 classes, no download.
 
-    Split into train/test with a fixed stratified split (``test_fraction``, ``seed``).
+    Split into train/test with a fixed stratified split (``test_fraction``, ``seed``): the split
+    of scikit-learn's ``train_test_split(..., stratify=labels, random_state=seed)``, point for
+    point (tests/test_data.py checks it), computed here because importing scikit-learn costs
+    more than a short run (the file is read from its package without importing it).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    images, labels = load_digits(return_X_y=True)
+    images, labels = _digits_file()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     y = torch.tensor(labels, dtype=torch.int64)
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=seed, stratify=labels
-    )
+    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
     train_x, test_x = _standardise(x[train_idx], x[test_idx])
     train_x, train_y = _limit(train_x, y[train_idx], train_size)
     return TensorDataset("digits", train_x, train_y, test_x, y[test_idx], 10)
+
+
+def _digits_file():
+    """(images (1797, 64) float, labels (1797,) int) from scikit-learn's digits.csv.gz."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "the digits dataset ships with scikit-learn: pip install scikit-learn "
+            "(or pip install 'importance_sampling[engine]')"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
+
+
+def stratified_split(labels, test_fraction: float, seed: int):
+    """(train indices, test indices) of scikit-learn's ``StratifiedShuffleSplit`` with one
+    split, as ``train_test_split(range(n), test_size=test_fraction, random_state=seed,
+    stratify=labels)`` draws it: per class, the most likely counts of the multivariate
+    hypergeometric (ties broken at random), then a permutation of each class and of each
+    split, all from one ``numpy.random.RandomState(seed)``."""
+    import math
+
+    import numpy as np
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train, test = [], []
+    for i in range(len(classes)):
+        permutation = rng.permutation(class_counts[i])
+        ordered = class_indices[i].take(permutation, mode="clip")
+        train.extend(ordered[: n_i[i]])
+        test.extend(ordered[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts, n_draws: int, rng):
+    """The approximate mode of a multivariate hypergeometric (draws per class), as
+    scikit-learn's ``_approximate_mode``: floor the expected counts, then add the missing
+    draws to the largest remainders, ties broken by ``rng``."""
+    import numpy as np
+
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _install_debian_files(debian_dir: Path, raw: Path) -> bool:
@@ -183,8 +248,7 @@ def fashion_mnist(
     """
     from torchvision.datasets import FashionMNIST
 
-    root = Path(data_dir).expanduser()
-    raw = root / "FashionMNIST" / "raw"
+    raw = Path(data_dir).expanduser() / "FashionMNIST" / "raw"
     if not all((raw / name).is_file() for name in IDX_FILES):
         if not _install_debian_files(Path(debian_dir), raw) and not download:
             raise DataError(
@@ -192,19 +256,34 @@ def fashion_mnist(
                 f"  apt-get install dataset-fashion-mnist   (Debian/Ubuntu, offline; files in {debian_dir})\n"
                 f"  python train.py dataset=fashion_mnist dataset.download=true   (needs internet)"
             )
+    return _idx_images(FashionMNIST, "fashion_mnist", raw, download, train_size, test_size)
+
+
+def _idx_images(
+    cls,
+    name: str,
+    raw: Path,
+    download: bool,
+    train_size: int | None,
+    test_size: int | None,
+    again: str = "run again to recreate them",
+) -> TensorDataset:
+    """A torchvision MNIST-format dataset (``cls``) whose idx files are in ``raw``, scaled to
+    [0, 1] and standardised; unreadable files are a DataError that says which folder to delete."""
+    root = raw.parent.parent
     try:
-        train = FashionMNIST(root, train=True, download=download)
-        test = FashionMNIST(root, train=False, download=download)
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
     except (RuntimeError, ValueError, AssertionError, OSError) as e:
         raise DataError(
-            f"could not read Fashion-MNIST from {raw} ({type(e).__name__}: {e}). The files may be "
-            f"truncated or corrupt: delete {raw} and run again to recreate them."
+            f"could not read {name} from {raw} ({type(e).__name__}: {e}). The files may be "
+            f"truncated or corrupt: delete {raw} and {again}."
         ) from e
     train_x, test_x = _standardise(
         train.data.float().unsqueeze(1) / 255.0, test.data.float().unsqueeze(1) / 255.0
     )
     return _make(
-        "fashion_mnist",
+        name,
         (train_x, train.targets.long()),
         (test_x, test.targets.long()),
         10,
@@ -311,31 +390,11 @@ def mnist(
     """MNIST (60k/10k 28x28 digits) through torchvision's MNIST, from ``data_dir/MNIST/raw``."""
     from torchvision.datasets import MNIST
 
-    root = Path(data_dir).expanduser()
-    raw = root / "MNIST" / "raw"
+    raw = Path(data_dir).expanduser() / "MNIST" / "raw"
     if not download and not all((raw / n).is_file() for n in IDX_FILES):
         raise _missing("MNIST", raw, "mnist")
-    try:
-        train, test = (
-            MNIST(root, train=True, download=download),
-            MNIST(root, train=False, download=download),
-        )
-    except (RuntimeError, ValueError, AssertionError, OSError) as e:
-        raise DataError(
-            f"could not read MNIST from {raw} ({type(e).__name__}: {e}). The files may "
-            f"be truncated or corrupt: delete {raw} and download again."
-        ) from e
-    train_x, test_x = _standardise(
-        train.data.float().unsqueeze(1) / 255, test.data.float().unsqueeze(1) / 255
-    )
-    return _make(
-        "mnist",
-        (train_x, train.targets.long()),
-        (test_x, test.targets.long()),
-        10,
-        train_size,
-        test_size,
-    )
+    again = "download again (dataset.download=true)"
+    return _idx_images(MNIST, "mnist", raw, download, train_size, test_size, again)
 
 
 def pixel_mnist(

@@ -6,10 +6,12 @@ configs (train.py, the scripts and the tests call it).
 
 The types of the options are checked when Hydra composes the config (schema.py, imported here so
 that composing finds the schemas); their ranges are checked by the constructors they reach.
-The config's ``trainer`` section is split here into the objects that own each concern:
-``Budget`` (time_budget, max_steps, max_epochs, max_passes, eval_every_*), ``Runtime`` (device,
-amp, channels_last, compile, check_finite, the data-parallel ranks), ``LRSchedule`` (lr_*),
-and the Trainer's own options (evaluation, checkpoints, resume, progress).
+Groups with a ``_target_`` (dataset, model, sampler, optimizer, logger) are instantiated by
+Hydra. The config's ``trainer`` section is split by the constructors' own signatures among the
+objects that own each concern (``TRAINER_PARTS``): Budget (time_budget, max_steps, ...,
+eval_every_*), Runtime (amp, channels_last, compile, check_finite), LRSchedule (lr_*) and the
+Trainer's own options (evaluation, checkpoints, resume, progress): a key goes to the one
+constructor that has a parameter of its name, so no list of keys is kept by hand here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,32 +28,49 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .budget import Budget, LRSchedule
-from .data import DataError, StreamingDataset, TensorDataset, hold_out_validation
-from .distributed import Distributed, init_distributed
-from .outputs import Callback
-from .runtime import Runtime, resolve_device
-from .schema import check_config
-from .sources import LoaderOptions
-from .trainer import Trainer
+from ..core.collectives import Distributed
+from ..engine.budget import Budget, LRSchedule
+from ..engine.callbacks import Callback
+from ..engine.data import DataError, StreamingDataset, TensorDataset, hold_out_validation
+from ..engine.runtime import Runtime, resolve_device
+from ..engine.sources import LoaderOptions
+from ..engine.trainer import Trainer
+from .launch import init_distributed
+from .schema import ConfigCheckError, check_config
 
 log = logging.getLogger("train")
 
-BUDGET_KEYS = (
-    "time_budget",
-    "max_steps",
-    "max_epochs",
-    "max_passes",
-    "eval_every_seconds",
-    "eval_every_steps",
-)
-RUNTIME_KEYS = ("amp", "channels_last", "compile", "check_finite")
-SCHEDULE_KEYS = {"lr_schedule": "schedule", "lr_milestones": "milestones", "lr_gamma": "gamma"}
-GROUPS = ("sampler", "trainer", "loader", "dataset", "model", "optimizer", "variance", "logger")
+# the repository's conf/ (train.py sets PROJECT_ROOT; a checkout has conf/ three levels up)
+PROJECT_ROOT = Path(os.environ.get("PROJECT_ROOT", Path(__file__).resolve().parents[3]))
+
+TRAINER_PARTS = (Budget, Runtime, LRSchedule, Trainer)  # what the trainer section configures
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the option."""
+
+
+@contextmanager
+def group(name: str):
+    """Turn a constructor's ValueError or TypeError into a ConfigError prefixed by the config
+    group whose values it was given (``sampler: sampler.batch_size must be ...``)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    """The project's config composed with ``overrides`` as train.py composes it (for scripts,
+    notebooks and tests; train.py itself is composed by @hydra.main)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", list(overrides), return_hydra_config=return_hydra_config)
 
 
 def build(node: DictConfig | dict, what: str, **kwargs):
@@ -63,11 +84,30 @@ def build(node: DictConfig | dict, what: str, **kwargs):
         raise ConfigError(f"{what}: {cause}") from None
 
 
-def _config_error(error: Exception, default: str = "trainer") -> ConfigError:
-    """A ValueError of a constructor as a ConfigError prefixed by the group its message names."""
-    message = str(error)
-    group = message.split(".", 1)[0]
-    return ConfigError(f"{group if group in GROUPS else default}: {message}")
+def parameters(constructor: Callable) -> list[str]:
+    """The names a constructor takes by keyword (``**kwargs`` followed into the parent class)."""
+    names = []
+    for cls in getattr(constructor, "__mro__", (constructor,)):
+        if cls is object:
+            break
+        params = inspect.signature(cls).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def split_section(section: dict, constructors: tuple[Callable, ...]) -> list[dict]:
+    """The keys of a config section, one dict per constructor: each key goes to the constructor
+    that has a parameter of that name (KeyError for a key that none or several have)."""
+    parts: list[dict] = [{} for _ in constructors]
+    for key, value in section.items():
+        owners = [i for i, c in enumerate(constructors) if key in parameters(c)]
+        if len(owners) != 1:
+            names = ", ".join(c.__name__ for c in constructors)
+            raise KeyError(f"{key} is a parameter of {len(owners)} of {names}, not of exactly one")
+        parts[owners[0]][key] = value
+    return parts
 
 
 def build_dataset(node: DictConfig) -> TensorDataset | StreamingDataset:
@@ -123,14 +163,12 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
     """Callbacks (logging, measurements) the config asks for; the trainer calls them at each row."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .variance import VarianceCallback
+    from ..engine.variance import VarianceCallback
 
     callbacks: list[Callback] = []
     if cfg.get("variance") and cfg.variance.every_rows:
-        try:
+        with group("variance"):
             callbacks.append(VarianceCallback(**cfg.variance))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"variance: {e}") from None
     if cfg.logger.get("_target_"):  # logger=wandb (conf/logger/); logger=none has no target
         # W&B groups runs by the experiment preset; without one the logger uses <dataset>_<model>
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
@@ -172,24 +210,23 @@ def build_trainer(
     instead of building cfg.dataset, e.g. synthetic data in a benchmark)."""
     try:
         check_config(cfg)  # what composing cannot check: tau_threshold, amp, ...; +keys
-    except ValueError as e:
-        raise _config_error(e) from None
+    except ConfigCheckError as e:
+        raise ConfigError(f"{e.group}: {e}") from None
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    try:
+    with group("device"):
         device_type = resolve_device(cfg.device).type
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"device: {e}") from None
     dist = init_distributed(device_type)
     _set_threads(cfg.threads, dist, torch.device(device_type))
-    t = cfg.trainer
-    try:
-        runtime = Runtime(cfg.device, **{k: t[k] for k in RUNTIME_KEYS}, dist=dist)
-        budget = Budget(**{k: t.get(k) for k in BUDGET_KEYS})
-        schedule = LRSchedule(**{v: t[k] for k, v in SCHEDULE_KEYS.items()})
+    budget_options, runtime_options, schedule_options, trainer_options = split_section(
+        OmegaConf.to_container(cfg.trainer, resolve=True), TRAINER_PARTS
+    )
+    with group("trainer"):
+        runtime = Runtime(cfg.device, **runtime_options, dist=dist)
+        budget = Budget(**budget_options)
+        schedule = LRSchedule(**schedule_options)
+    with group("loader"):
         loader = LoaderOptions(**cfg.get("loader", {}))
-    except (TypeError, ValueError) as e:
-        raise _config_error(e) from None
     torch.manual_seed(cfg.seed)
     sampler = build(cfg.sampler, "sampler")  # cheap: its option errors come first
     if data is None:
@@ -201,11 +238,9 @@ def build_trainer(
             dist.barrier()
     model = build(cfg.model, "model", input_shape=data.input_shape, num_classes=data.num_classes)
     check_model_output(model.to(runtime.device), data, runtime.device)
-    try:
+    with group("optimizer"):
         optimizer = build(cfg.optimizer, "optimizer")(model.parameters())
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"optimizer: {e}") from None
-    if not all(group["lr"] > 0 for group in optimizer.param_groups):
+    if not all(g["lr"] > 0 for g in optimizer.param_groups):
         raise ConfigError(f"optimizer.lr must be > 0, got {optimizer.param_groups[0]['lr']}")
     if dist.is_main:
         log.info(
@@ -217,7 +252,7 @@ def build_trainer(
             f" x {dist.world_size} processes" if dist.enabled else "",
         )
     callbacks = make_callbacks(cfg, out_dir) if dist.is_main else []
-    try:
+    with group("trainer"):
         return Trainer(
             model,
             optimizer,
@@ -228,17 +263,10 @@ def build_trainer(
             budget=budget,
             runtime=runtime,
             schedule=schedule,
-            train_eval_size=t.train_eval_size,
-            eval_batch_size=t.eval_batch_size,
             loader=loader,
-            checkpoint_every=t.checkpoint_every,
-            checkpoint_unit=t.checkpoint_unit,
-            resume=t.resume,
-            progress=t.progress,
             callbacks=callbacks,
+            **trainer_options,
         )
-    except (TypeError, ValueError) as e:
-        raise _config_error(e) from None
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> dict:

@@ -40,7 +40,7 @@ Two entry points:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from .scores import LossFn, cross_entropy
 
 
 # ------------------------------------------------------------------ the Gram identity
@@ -722,7 +722,7 @@ def gradient_norm_scores(
     model: nn.Module,
     inputs: Tensor,
     targets: Tensor,
-    loss_fn: LossFn,
+    loss_fn: LossFn = cross_entropy,
     chunk_size: int = 256,
 ) -> Tensor:
     """Exact ||grad_theta L_i||_2 over all trainable parameters, shape (n,), from one forward and
@@ -751,4 +751,63 @@ def gradient_norm_scores(
     return torch.cat(norms).sqrt()
 
 
-__all__ = ["Factors", "GradNormRecorder", "RowSums", "closed_form", "gradient_norm_scores"]
+# ------------------------------------------------------------------ the reference: torch.func
+def _per_sample_gradient_chunks(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, chunk_size: int
+) -> Iterator[dict[str, Tensor]]:
+    """Yield per-sample gradients, {param name: (chunk, *param.shape)}, chunk by chunk."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the original
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    dtype = next((v.dtype for v in params.values()), torch.float32)
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0)).sum()
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    # float32 even inside a bf16 autocast step: this is the exact oracle the others are judged by
+    no_autocast = torch.autocast(inputs.device.type, enabled=False)
+    with torch.enable_grad(), torch.inference_mode(False), no_autocast:
+        for start in range(0, len(inputs), chunk_size):
+            end = start + chunk_size
+            x = inputs[start:end]
+            x = x.to(dtype) if x.is_floating_point() else x
+            yield per_sample_grads(params, x, targets[start:end])
+
+
+def gradient_norm_scores_vmap(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = cross_entropy,
+    chunk_size: int = 256,
+) -> Tensor:
+    """The same norms as ``gradient_norm_scores`` by torch.func (vmap of grad over a functional
+    call), in chunks of ``chunk_size`` samples: memory is chunk_size copies of the gradient, time
+    is often many backward passes. Kept as an independent reference and for the benchmark."""
+    chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
+    return torch.cat([sum(t.pow(2).flatten(1).sum(1) for t in g.values()).sqrt() for g in chunks])
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn = cross_entropy,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Flattened per-sample gradients over all trainable parameters, shape (n, num_params)."""
+    chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
+    return torch.cat([torch.cat([t.flatten(1) for t in g.values()], 1) for g in chunks])
+
+
+__all__ = [
+    "Factors",
+    "GradNormRecorder",
+    "RowSums",
+    "closed_form",
+    "gradient_norm_scores",
+    "gradient_norm_scores_vmap",
+    "per_sample_gradients",
+]

@@ -26,8 +26,22 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import analysis
+from .compare import (
+    at_time,
+    default_accuracy_targets,
+    default_targets,
+    equal_time_at,
+    equal_time_table,
+    paired_ratios,
+    speedup,
+    time_to_accuracy,
+    time_to_loss,
+)
+from .figures import legend_below, plot_curves, plot_time_to_loss
+from .runs import RUN_COLUMNS, collect_runs, plural, samplers_in_order
+from .runs import title as runs_title
 from .styles import sampler_style
+from .tables import fmt, markdown_table, time_to_loss_markdown
 
 SELECT_BY = {  # criterion -> the columns of selection_table compared, in order (ties: the next)
     "error": ("val_error", "val_loss"),
@@ -81,14 +95,14 @@ def read_setting(run_dir: str | Path) -> dict:
 
 
 def collect(root: str | Path) -> pd.DataFrame:
-    """analysis.collect_runs plus, per row, its run's SETTING_COLUMNS (after RUN_COLUMNS)."""
+    """collect_runs plus, per row, its run's SETTING_COLUMNS (after RUN_COLUMNS)."""
     root = Path(root)
-    runs = analysis.collect_runs(root)
+    runs = collect_runs(root)
     settings = pd.DataFrame(
         [{"run": run, **read_setting(root / run)} for run in runs["run"].unique()]
     )
     runs = runs.merge(settings, on="run", how="left", sort=False)
-    front = [c for c in analysis.RUN_COLUMNS if c in runs.columns] + list(SETTING_COLUMNS)
+    front = [c for c in RUN_COLUMNS if c in runs.columns] + list(SETTING_COLUMNS)
     return runs[front + [c for c in runs.columns if c not in front]]
 
 
@@ -114,7 +128,7 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame(out)
-    order = {s: i for i, s in enumerate(analysis.samplers_in_order(table["sampler"]))}
+    order = {s: i for i, s in enumerate(samplers_in_order(table["sampler"]))}
     return table.sort_values(
         ["sampler", "lr_schedule", "lr"], key=lambda c: c.map(order) if c.name == "sampler" else c
     ).reset_index(drop=True)
@@ -163,7 +177,7 @@ def chosen_settings(table: pd.DataFrame) -> list[Setting]:
     rows = table[table["chosen"]].set_index("sampler")
     return [
         Setting(s, float(rows.loc[s, "lr"]), str(rows.loc[s, "lr_schedule"]))
-        for s in analysis.samplers_in_order(rows.index)
+        for s in samplers_in_order(rows.index)
     ]
 
 
@@ -173,18 +187,18 @@ class Report:
     """The tables of a tuned comparison (``report``) and their markdown."""
 
     equal_time: pd.DataFrame  # per sampler: its setting, metrics at equal time, ratios to baseline
-    accuracy: pd.DataFrame  # analysis.speedup over time_to_accuracy targets (+ accuracy)
-    loss: pd.DataFrame  # analysis.speedup over training-loss targets
+    accuracy: pd.DataFrame  # speedup over time_to_accuracy targets (+ accuracy)
+    loss: pd.DataFrame  # speedup over training-loss targets
     markdown: str
 
 
 def _pm(median: float, low: float, high: float, spec: str, scale: float = 1.0) -> str:
-    f = analysis._fmt
+    f = fmt
     return f"{f(scale * median, spec)} [{f(scale * low, spec)}, {f(scale * high, spec)}]"
 
 
 def _ratio(gmean: float, low: float, high: float, bound: str = "=") -> str:
-    f = analysis._fmt
+    f = fmt
     prefix = "" if bound == "=" else "~ " if bound == "?" else f"{bound} "
     if math.isnan(gmean):
         return "–"
@@ -194,7 +208,7 @@ def _ratio(gmean: float, low: float, high: float, bound: str = "=") -> str:
 
 def _seconds(x: float) -> str:
     """Whole seconds from 10 s on, tenths below (a tiny budget in the tests)."""
-    return analysis._fmt(x, ".0f" if x >= 10 else ".1f")
+    return fmt(x, ".0f" if x >= 10 else ".1f")
 
 
 def _time_cell(r) -> str:
@@ -212,7 +226,7 @@ def selection_markdown(table: pd.DataFrame) -> str:
     its status ('failed': diverged, most often)."""
     lrs = sorted(set(table["lr"]))
     rows = []
-    for sampler in analysis.samplers_in_order(table["sampler"]):
+    for sampler in samplers_in_order(table["sampler"]):
         mine = table[table["sampler"] == sampler]
         for schedule in sorted(set(mine["lr_schedule"])):
             cells = []
@@ -228,7 +242,7 @@ def selection_markdown(table: pd.DataFrame) -> str:
                     cell = f"**{cell}**" + (" †" if r.get("edge", False) else "")
                 cells.append(cell)
             rows.append([sampler, schedule, *cells])
-    return analysis.markdown_table(["sampler", "schedule", *[f"lr {lr:g}" for lr in lrs]], rows)
+    return markdown_table(["sampler", "schedule", *[f"lr {lr:g}" for lr in lrs]], rows)
 
 
 def report(
@@ -245,22 +259,18 @@ def report(
     parameters (budget, grid, seeds, validation split) in the text."""
     if set(runs["eval_split"]) != {"test"}:
         raise SelectionError("the final runs must be evaluated on the test set")
-    at, warning = analysis.equal_time_at(runs, at)
-    accuracies = (
-        analysis.default_accuracy_targets(runs, baseline) if accuracies is None else accuracies
-    )
-    loss_targets = (
-        analysis.default_targets(runs, baseline) if loss_targets is None else loss_targets
-    )
-    acc = analysis.speedup(analysis.time_to_accuracy(runs, accuracies), baseline)
+    at, warning = equal_time_at(runs, at)
+    accuracies = default_accuracy_targets(runs, baseline) if accuracies is None else accuracies
+    loss_targets = default_targets(runs, baseline) if loss_targets is None else loss_targets
+    acc = speedup(time_to_accuracy(runs, accuracies), baseline)
     acc.insert(0, "accuracy", [round(1 - t, 12) for t in acc["target"]])
-    loss = analysis.speedup(analysis.time_to_loss(runs, loss_targets), baseline)
+    loss = speedup(time_to_loss(runs, loss_targets), baseline)
 
-    equal = analysis.equal_time_table(runs, at, baseline)
-    values = analysis.at_time(runs, at, ("train_loss", "test_error"))
+    equal = equal_time_table(runs, at, baseline)
+    values = at_time(runs, at, ("train_loss", "test_error"))
     settings = runs.groupby("sampler")[["lr", "lr_schedule"]].first()
     for metric in ("train_loss", "test_error"):
-        ratios = analysis.paired_ratios(values, metric, baseline).set_index("sampler")
+        ratios = paired_ratios(values, metric, baseline).set_index("sampler")
         for column in ("ratio_gmean", "ratio_ci_low", "ratio_ci_high"):
             equal[f"{metric}_{column}"] = equal["sampler"].map(ratios[column])
     equal.insert(1, "lr", equal["sampler"].map(settings["lr"]))
@@ -300,7 +310,7 @@ def report(
             ]
         )
     target = 100 * max(acc["accuracy"])
-    headline_md = analysis.markdown_table(
+    headline_md = markdown_table(
         [
             "sampler",
             "lr",
@@ -329,7 +339,7 @@ def report(
                 else _pm(r.speedup_median, r.speedup_min, r.speedup_max, ".2f"),
             ]
         )
-    acc_md = analysis.markdown_table(
+    acc_md = markdown_table(
         [
             "test accuracy (%)",
             "sampler",
@@ -342,7 +352,7 @@ def report(
     text = [protocol_markdown(protocol or {}, selection, seeds, at)]
     text += [
         f"## Result at equal train_time = {at:.0f} s (test set)\n",
-        f"Median [min, max] over {analysis.plural(seeds, 'seed')}; '× {baseline}': the geometric "
+        f"Median [min, max] over {plural(seeds, 'seed')}; '× {baseline}': the geometric "
         f"mean over seeds of the per-seed ratio to the tuned {baseline} run of the same seed, "
         "[95% interval: Student t on the log ratios]; time to the test accuracy of the worst "
         f"tuned {baseline} run at its end, censored ('> t': not reached within t s; 'k/n': only "
@@ -352,7 +362,7 @@ def report(
         "\n## Time to a test accuracy\n",
         acc_md,
         "\n## Time to a training loss\n",
-        analysis.time_to_loss_markdown(loss, baseline),
+        time_to_loss_markdown(loss, baseline),
         "",
     ]
     if warning:
@@ -380,7 +390,7 @@ def protocol_markdown(protocol: dict, selection: pd.DataFrame, seeds: int, at: f
         f"points (dataset.validation_size={val}, dataset.validation_seed="
         f"{p.get('validation_seed', '?')}) and evaluated on that split; the test set is not "
         f"loaded. Each sampler keeps {criterion} at the end of the budget.",
-        f"2. Final: each sampler's chosen setting, {analysis.plural(seeds, 'seed')}, the whole "
+        f"2. Final: each sampler's chosen setting, {plural(seeds, 'seed')}, the whole "
         f"training set, evaluated on the test set; compared at equal train_time ({at:.0f} s).",
         "",
         "Validation error (%) at the end of each selection run (chosen: **bold**; † the chosen "
@@ -407,7 +417,7 @@ def plot_selection(selection: pd.DataFrame, ax=None):
 
     ax = ax or plt.gca()
     ok = selection[selection["status"] == "completed"]
-    for sampler in analysis.samplers_in_order(selection["sampler"]):
+    for sampler in samplers_in_order(selection["sampler"]):
         style = sampler_style(sampler)
         for schedule in sorted(set(selection["lr_schedule"])):
             rows = ok[(ok["sampler"] == sampler) & (ok["lr_schedule"] == schedule)]
@@ -461,10 +471,8 @@ def figure(runs: pd.DataFrame, selection: pd.DataFrame, accuracy: pd.DataFrame, 
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 10), layout="constrained")
     plot_selection(selection, axes[0, 0])
-    analysis.plot_curves(
-        runs, "train_loss", axes[0, 1], log=True, ylabel="training loss", legend=False
-    )
-    analysis.plot_curves(
+    plot_curves(runs, "train_loss", axes[0, 1], log=True, ylabel="training loss", legend=False)
+    plot_curves(
         runs,
         "test_error",
         axes[1, 0],
@@ -473,7 +481,7 @@ def figure(runs: pd.DataFrame, selection: pd.DataFrame, accuracy: pd.DataFrame, 
         focus=True,
         legend=False,
     )
-    analysis.plot_time_to_loss(
+    plot_time_to_loss(
         accuracy,
         axes[1, 1],
         legend=False,
@@ -488,12 +496,12 @@ def figure(runs: pd.DataFrame, selection: pd.DataFrame, accuracy: pd.DataFrame, 
             lw=2,
             ms=5,
             label=f"{s}: lr {settings.loc[s, 'lr']:g}, {settings.loc[s, 'lr_schedule']} "
-            f"({analysis.plural(runs.loc[runs['sampler'] == s, 'run'].nunique(), 'seed')})",
+            f"({plural(runs.loc[runs['sampler'] == s, 'run'].nunique(), 'seed')})",
             **sampler_style(s),
         )
-        for s in analysis.samplers_in_order(runs["sampler"])
+        for s in samplers_in_order(runs["sampler"])
     ]
-    return analysis.legend_below(fig, handles, ncols=3, title=title)
+    return legend_below(fig, handles, ncols=3, title=title)
 
 
 # ---------------------------------------------------------------- files
@@ -532,7 +540,7 @@ def save(
     rep.accuracy.to_csv(paths["time_to_accuracy"], index=False)
     rep.loss.to_csv(paths["time_to_loss"], index=False)
     paths["protocol"].write_text(json.dumps(protocol or {}, indent=1) + "\n")
-    title = f"Tuned comparison: {analysis.title(runs)}"
+    title = f"Tuned comparison: {runs_title(runs)}"
     paths["table"].write_text(f"# {title}\n\n{rep.markdown}")
     fig = figure(runs, selection, rep.accuracy, title)
     fig.savefig(paths["figure"], dpi=100)

@@ -13,9 +13,12 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .trainer import Callback, Trainer
+from .callbacks import Callback
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 MODES = ("online", "offline", "disabled")
 

@@ -7,7 +7,8 @@ samplers are compared on the time they spend training.
 
 The other concerns live beside it: budget.py (when to stop, when to write a row, the learning
 rate schedule), runtime.py (device, autocast, compile, DDP), sources.py (where presamples come
-from), outputs.py (metrics.csv, summary.json, checkpoints, progress). With several data-parallel
+from), outputs.py (metrics.csv, summary.json, progress), checkpoints.py (checkpoint.pt, resume).
+With several data-parallel
 ranks every rank runs this loop; the clock is rank 0's, so the ranks stop and evaluate at the
 same step, and rank 0 alone writes files.
 
@@ -23,43 +24,22 @@ import math
 import signal
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..core.order import mix_seed
+from ..core.samplers import Sampler
+from ..core.scores import LossFn, cross_entropy
+from . import checkpoints
 from .budget import Budget, Clock, LRSchedule
+from .callbacks import Callback
 from .data import StreamingDataset, TensorDataset
-from .grad_norms import GradNormRecorder
-from .order import mix_seed
-from .outputs import (
-    PROJECT,
-    Callback,
-    CheckpointError,
-    MetricsFile,
-    ProgressBar,
-    SummaryFile,
-    json_safe,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-    to_cpu,
-)
+from .outputs import MetricsFile, ProgressBar, SummaryFile, json_safe
 from .runtime import Runtime
-from .samplers import Sampler, Selection
-from .scores import LossFn, cross_entropy
 from .sources import LoaderOptions, make_source
 from .stopping import StopRequest, TrainingStopped
-
-__all__ = [  # CheckpointError and load_checkpoint live in outputs.py, TrainingStopped in stopping.py
-    "CheckpointError",
-    "Trainer",
-    "TrainingError",
-    "TrainingStopped",
-    "evaluate",
-    "load_checkpoint",
-]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +78,7 @@ class Trainer:
     Args:
         data: a TensorDataset (kept on the device) or a StreamingDataset (read by a DataLoader
             with ``loader`` options).
-        budget: when to stop and when to write a metrics row (default: 60 s, a row every 2 s).
+        budget: when to stop and when to write a metrics row (default: Budget()'s).
         runtime: device, autocast, channels_last, compile, DDP, finiteness checks.
         schedule: the learning-rate schedule over the budget.
         train_eval_size: train_loss is measured on a fixed random subset of this many training
@@ -155,11 +135,8 @@ class Trainer:
         self.dist, self.device = self.runtime.dist, self.runtime.device
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.out_dir, self.seed = Path(out_dir), seed
-        self.checkpoint_every, self.checkpoint_unit, self.resume = (
-            checkpoint_every,
-            checkpoint_unit,
-            resume,
-        )
+        self.checkpoint_every, self.checkpoint_unit = checkpoint_every, checkpoint_unit
+        self.resume = resume
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         # the step calls train_model (DDP-wrapped with several ranks); scoring and evaluation
         # call forward (never the DDP wrapper); both share the parameters of model
@@ -172,7 +149,6 @@ class Trainer:
             data, sampler, self.runtime, seed, train_eval_size, eval_batch_size, loader
         )
         self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # losses so far
-        self._recorder: GradNormRecorder | None = None
         self.callbacks: list[Callback] = []
         if self.dist.is_main:
             self.metrics_file = MetricsFile(self.out_dir / "metrics.csv")
@@ -180,12 +156,14 @@ class Trainer:
             if progress:
                 self.callbacks.append(self._progress_bar())
             self.callbacks += list(callbacks)
-        # Counters; with the model, optimizer, sampler and source they are the state of a run.
+        # Counters (checkpoints.COUNTERS); with the model, optimizer, sampler and source they
+        # are the state of a run.
         self.step = self.samples = self.importance_steps = 0
         self.train_time = self.wall_offset = 0.0
         self.steps_since_row = self.is_steps_since_row = 0
         self.last_checkpoint = 0.0  # train_time or step of the last checkpoint
         self.rows: list[dict] = []
+        self.started = time.perf_counter()  # wall clock of this process's fit
         self.stop = StopRequest()  # SIGTERM / SIGUSR1 while fit runs
         self.stopped_by = 0  # the signal that stopped the last fit (0: none)
 
@@ -209,27 +187,24 @@ class Trainer:
             self.train_time, self.step, self.samples / self.num_samples, self.sampler.passes
         )
 
+    def wall_time(self) -> float:
+        """Seconds since the run started, evaluation included (over resumes)."""
+        return self.wall_offset + time.perf_counter() - self.started
+
     # ---------------------------------------------------------------- the step
     def train_step(self) -> None:
         """One SGD step on the points the sampler selects from the next presample."""
         presample = next(self.source)
-        autocast = self.runtime.autocast
+        autocast, sampler = self.runtime.autocast, self.sampler
         with autocast():
-            chosen = self.sampler.select(
-                self.forward, presample, self.loss_fn, more=self.source.__next__
-            )
-        recorder = self._grad_norm_recorder(chosen)
-        with autocast(), recorder or nullcontext():
+            chosen = sampler.select(self.forward, presample, self.loss_fn, self.source.__next__)
+        with autocast(), sampler.watch(self.train_model, chosen):
             logits = self.train_model(chosen.x)
             loss = chosen.weighted_mean(self.loss_fn(logits, chosen.y))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norms = None
-        if recorder is not None:  # (w_i / n)^2 ||grad L_i||^2 -> ||grad L_i||
-            factor = 1.0 if chosen.weights is None else chosen.weights.detach()
-            grad_norms = recorder.squared_norms().sqrt() * len(chosen) / factor
         with autocast():
-            self.sampler.update(chosen, logits.detach(), self.loss_fn, self.forward, grad_norms)
+            sampler.update(chosen, logits.detach(), self.loss_fn, self.forward)
         finite = torch.isfinite(loss.detach())
         if self.runtime.check_every_step:  # stop at the exact step, before the update
             self._check_finite(finite, loss)
@@ -241,16 +216,6 @@ class Trainer:
         self.importance_steps += chosen.importance
         self.steps_since_row += 1
         self.is_steps_since_row += chosen.importance
-
-    def _grad_norm_recorder(self, chosen: Selection) -> GradNormRecorder | None:
-        """The per-sample gradient norms of this step's own backward, when the sampler wants them
-        (the gradient-norm sampler's uniform steps: its tau, with no extra pass). A compiled
-        graph hides the layers' activations: the sampler then scores the batch itself."""
-        if self.runtime.compile or not self.sampler.wants_grad_norms(chosen):
-            return None
-        if self._recorder is None:
-            self._recorder = GradNormRecorder(self.model)
-        return self._recorder
 
     def _check_finite(self, loss_finite: Tensor, loss: Tensor | None = None) -> None:
         """Raise if the loss or the sampler's scores so far were not finite, on any rank (every
@@ -287,44 +252,51 @@ class Trainer:
             raise TrainingStopped(self.stopped_by, self.step, self.out_dir)
         return summary
 
+    def _loop(self) -> int:
+        """Steps and metrics rows until the budget is spent (returns 0) or a stop signal came
+        (returns its number, on every rank after the same step)."""
+        self.train_model.train()
+        interval_start = time.perf_counter()
+        while True:
+            clock = self.clock
+            clock.train_time, stop = self._shared(
+                self.train_time + time.perf_counter() - interval_start
+            )
+            progress = self.budget.progress(clock)
+            self.schedule.apply(self.optimizer, self.base_lrs, progress)
+            self.sampler.before_step(progress)
+            done = self.budget.spent(clock)
+            if not (done or stop or self.budget.row_due(clock, self.rows[-1])):
+                self.train_step()
+                continue
+            self.runtime.synchronize()  # count queued GPU work in this interval
+            self.train_time, _ = self._shared(
+                self.train_time + time.perf_counter() - interval_start
+            )
+            if not self.runtime.check_every_step:
+                self._check_finite(self._finite)
+            if stop and not done:  # no row: a resumed run writes the rows it would have
+                return stop
+            if self.steps_since_row or not done:
+                self._row()
+            if done:
+                return 0
+            interval_start = time.perf_counter()  # a signal during the row stops at the top
+
     def _fit(self) -> dict:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._start_wall = time.perf_counter()
-        resumed = self._resume()  # before anything is written: a bad checkpoint changes nothing
+        self.started = time.perf_counter()
+        resumed = checkpoints.resume(self)  # before anything is written: a bad file changes nothing
+        if resumed and self.dist.is_main:
+            self.metrics_file.rewrite(self.rows)
         status, error = "failed", None
         try:
             if not resumed:
                 self._row()  # the model before training
-            self.train_model.train()
-            interval_start = time.perf_counter()
-            while True:
-                clock = self.clock
-                clock.train_time, stop = self._shared(
-                    self.train_time + time.perf_counter() - interval_start
-                )
-                progress = self.budget.progress(clock)
-                self.schedule.apply(self.optimizer, self.base_lrs, progress)
-                self.sampler.progress = progress  # e.g. InfoBatch anneals on the budget
-                done = self.budget.spent(clock)
-                if done or stop or self.budget.row_due(clock, self.rows[-1]):
-                    self.runtime.synchronize()  # count queued GPU work in this interval
-                    self.train_time, _ = self._shared(
-                        self.train_time + time.perf_counter() - interval_start
-                    )
-                    if not self.runtime.check_every_step:
-                        self._check_finite(self._finite)
-                    if stop and not done:  # no row: a resumed run writes the rows it would have
-                        break
-                    if self.steps_since_row or not done:
-                        self._row()
-                    if done:
-                        break
-                    interval_start = time.perf_counter()
-                    continue  # read the clock again: a signal during the row stops the run here
-                self.train_step()
-            if stop and not done:  # the state after the last step, whatever the cadence
-                self._write_checkpoint()
+            stop = self._loop()
+            if stop:  # the state after the last step, whatever the cadence
+                checkpoints.write(self)
                 status, self.stopped_by = "preempted", stop  # any rank's signal, the same on all
                 error = f"stopped by {signal.Signals(stop).name} after step {self.step}"
             else:
@@ -357,34 +329,6 @@ class Trainer:
         clock, signum = self.dist.max_floats([mine, float(self.stop.signum)])
         return clock, int(signum)
 
-    def _resume(self) -> bool:
-        """Load the checkpoint when resuming; True if a run was resumed."""
-        path = self.out_dir / "checkpoint.pt"
-        if self.resume and path.is_file():
-            state = read_checkpoint(path, self.identity(), self.device)
-            try:
-                self.load_state_dict(state)
-            except CheckpointError:
-                raise
-            except Exception as e:  # e.g. a sampler state of other options (presample size)
-                raise CheckpointError(
-                    f"{path} does not fit this run ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}): resume with the options it was "
-                    "written with, or delete it, or point hydra.run.dir elsewhere"
-                ) from None
-            if self.dist.is_main:
-                self.metrics_file.rewrite(self.rows)
-                log.info("resuming from step %d of %s", self.step, path)
-            return True
-        if self.resume == "must":
-            raise CheckpointError(
-                f"no checkpoint in {self.out_dir}: nothing to resume (trainer.resume=must); "
-                "run without it to start a new run"
-            )
-        if self.resume and self.dist.is_main:
-            log.warning("no checkpoint in %s: starting a new run", self.out_dir)
-        return False
-
     def _row(self) -> dict:
         train_loss, train_error = evaluate(
             self.forward, self.source.eval_batches("train"), self.loss_fn, self.runtime
@@ -397,7 +341,7 @@ class Trainer:
             "samples": self.samples,
             "epoch": self.samples / self.num_samples,
             "train_time": self.train_time,
-            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
+            "wall_time": self.wall_time(),
             "train_loss": train_loss,
             "train_error": train_error,
             "test_loss": test_loss,
@@ -429,6 +373,12 @@ class Trainer:
         now = self.train_time if self.checkpoint_unit == "seconds" else self.step
         return now - self.last_checkpoint >= self.checkpoint_every
 
+    def save(self) -> None:
+        """Write checkpoint.pt atomically (every rank takes part; rank 0 writes) and start the
+        checkpoint cadence over (a stop signal's save does not: checkpoints.write)."""
+        self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
+        checkpoints.write(self)
+
     def _finish(self, status: str, error: str | None) -> dict:
         last = self.rows[-1] if self.rows else {}
         summary = json_safe(
@@ -443,94 +393,9 @@ class Trainer:
                 "device": str(self.device),
                 "importance_steps": self.importance_steps,
                 "best_test_error": min((r["test_error"] for r in self.rows), default=None),
-                "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
+                "wall_time": self.wall_time(),
             }
         )
         for callback in self.callbacks:
             callback.on_end(self, summary)
         return summary
-
-    # ---------------------------------------------------------------- state
-    COUNTERS = (
-        "step",
-        "samples",
-        "importance_steps",
-        "train_time",
-        "steps_since_row",
-        "is_steps_since_row",
-        "last_checkpoint",
-    )
-
-    def identity(self) -> dict:
-        """What a checkpoint must match to be resumed by this run (stored in it, compared on
-        resume): the model's class and parameter shapes, the optimizer's class, the sampler,
-        the dataset and its size, the number of ranks."""
-        return {
-            "project": PROJECT,
-            "model": type(self.model).__name__,
-            "parameters": {k: list(v.shape) for k, v in self.model.state_dict().items()},
-            "optimizer": type(self.optimizer).__name__,
-            "sampler": self.sampler.name,
-            "dataset": self.data.name,
-            "train_size": self.num_samples,
-            "world_size": self.dist.world_size,
-        }
-
-    def rank_state(self) -> dict:
-        """What differs between ranks: the sampler's and the source's positions and randomness."""
-        state = {
-            "sampler": self.sampler.state_dict(),
-            "source": self.source.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def state_dict(self) -> dict:
-        """The whole run on rank 0 (every rank's part gathered; None on the other ranks)."""
-        ranks = self.dist.gather_objects(to_cpu(self.rank_state()))
-        if not self.dist.is_main:
-            return {}
-        return {
-            "identity": self.identity(),
-            "world_size": self.dist.world_size,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "counters": {k: getattr(self, k) for k in self.COUNTERS},
-            "wall_time": self.wall_offset + time.perf_counter() - self._start_wall,
-            "rows": self.rows,
-            "ranks": ranks,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            raise CheckpointError(
-                f"the checkpoint was written by {saved_world} processes and this run has "
-                f"{self.dist.world_size}: resume with the same number of processes"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        mine = state["ranks"][self.dist.rank]
-        self.sampler.load_state_dict(mine["sampler"])
-        self.source.load_state_dict(mine["source"])
-        torch.set_rng_state(mine["torch_rng"].cpu())
-        if "cuda_rng" in mine and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), self.device)
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
-        self.wall_offset = state["wall_time"]
-        self.rows = list(state["rows"])
-
-    def save(self) -> None:
-        """Write checkpoint.pt atomically (every rank takes part; rank 0 writes)."""
-        self.last_checkpoint = self.train_time if self.checkpoint_unit == "seconds" else self.step
-        self._write_checkpoint()
-
-    def _write_checkpoint(self) -> None:
-        """checkpoint.pt now, without moving the checkpoint cadence (a stop signal's save: the
-        resumed run then checkpoints where an uninterrupted one would)."""
-        state = self.state_dict()
-        if self.dist.is_main:
-            save_checkpoint(state, self.out_dir / "checkpoint.pt")

@@ -41,11 +41,11 @@ class Budget:
 
     def __init__(
         self,
-        time_budget: float | None = 60.0,
+        time_budget: float | None = 30.0,
         max_steps: int | None = None,
         max_epochs: float | None = None,
         max_passes: float | None = None,
-        eval_every_seconds: float | None = 2.0,
+        eval_every_seconds: float | None = 1.0,
         eval_every_steps: int | None = None,
     ):
         for name, value in [
@@ -112,25 +112,25 @@ def lr_factor(
 
 
 class LRSchedule:
-    """``constant``, ``step`` (times ``gamma`` at each of ``milestones``) or ``cosine``, over the
+    """``constant``, ``step`` (times ``lr_gamma`` at each of ``lr_milestones``) or ``cosine``, over the
     run's progress (the largest fraction used of its budgets, so milestones are fractions)."""
 
     def __init__(
         self,
-        schedule: str = "constant",
-        milestones: Sequence[float] = (0.5, 0.8),
-        gamma: float = 0.2,
+        lr_schedule: str = "constant",
+        lr_milestones: Sequence[float] = (0.5, 0.8),
+        lr_gamma: float = 0.2,
     ):
-        if schedule not in LR_SCHEDULES:
+        if lr_schedule not in LR_SCHEDULES:
             raise ValueError(
-                f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}"
+                f"trainer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}"
             )
-        if not all(0 < m < 1 for m in milestones) or not 0 < gamma <= 1:
+        if not all(0 < m < 1 for m in lr_milestones) or not 0 < lr_gamma <= 1:
             raise ValueError(
                 "trainer.lr_milestones must be fractions in (0, 1) of the budget and "
-                f"trainer.lr_gamma in (0, 1], got {list(milestones)} and {gamma}"
+                f"trainer.lr_gamma in (0, 1], got {list(lr_milestones)} and {lr_gamma}"
             )
-        self.schedule, self.milestones, self.gamma = schedule, tuple(milestones), gamma
+        self.schedule, self.milestones, self.gamma = lr_schedule, tuple(lr_milestones), lr_gamma
 
     def apply(
         self, optimizer: torch.optim.Optimizer, base_lrs: list[float], progress: float

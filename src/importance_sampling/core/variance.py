@@ -26,18 +26,15 @@ gradient_norm (the optimum) come:
 and how close each score's distribution is to the gradient-norm one: total variation and L2
 distance between the normalised scores, and Spearman rank correlation of the scores.
 
-``VarianceCallback`` takes these measurements during training (``Trainer`` callback) and writes
-``variance.csv`` in the run directory, one row per measurement point and score
-(columns: ``VARIANCE_COLUMNS``).
+The training engine's ``VarianceCallback`` (importance_sampling.engine.variance) takes these
+measurements during training and writes ``variance.csv``, one row per measurement point and
+score (columns: ``VARIANCE_COLUMNS``); importance_sampling.analysis.variance reads and plots it.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +42,6 @@ from torch import Tensor, nn
 from .grad_norms import GradNormRecorder
 from .sampling import equivalent_batch_increment, importance_probabilities
 from .scores import LossFn, cross_entropy, loss_scores, upper_bound_scores
-from .trainer import Callback, Trainer
 
 DISTRIBUTIONS = ("uniform", "loss", "upper_bound", "gradient_norm")
 
@@ -250,222 +246,3 @@ def measure(
             tau_measured=1.0 / ratio if ratio > 0 else math.nan,
         )
     return rows
-
-
-# ------------------------------------------------------------------ during training
-class VarianceCallback(Callback):
-    """Measure every ``every_rows`` metrics rows (the first row, before training, included, and the
-    final state when the run completes) on a fixed presample drawn once with ``seed``.
-
-    Args:
-        every_rows: measure at rows 0, every_rows, 2 every_rows, ... of metrics.csv.
-        presample_size: B; None = the trainer's sampler's presample size (3 b for uniform).
-        batch_size: b; None = the trainer's sampler's batch size.
-        seed: seeds the choice of the presample (the same points at every measurement).
-        chunk_size: gradients computed this many points at a time (one forward + backward each).
-        filename: written in the trainer's out_dir.
-    """
-
-    def __init__(
-        self,
-        every_rows: int = 1,
-        presample_size: int | None = None,
-        batch_size: int | None = None,
-        seed: int = 0,
-        chunk_size: int = 128,
-        filename: str = "variance.csv",
-    ):
-        if every_rows < 1:
-            raise ValueError(f"variance.every_rows must be >= 1 to measure, got {every_rows}")
-        self.every_rows, self.seed, self.chunk_size = int(every_rows), int(seed), int(chunk_size)
-        self.presample_size, self.batch_size, self.filename = presample_size, batch_size, filename
-        self.presample: Tensor | None = None
-        self.rows: list[dict] = []  # every measurement so far, as written (e.g. for a logger)
-        self.measured_steps: list[int] = []
-
-    def _setup(self, trainer: Trainer) -> None:
-        sampler, n = trainer.sampler, trainer.num_samples
-        self.batch_size = int(self.batch_size or sampler.batch_size)
-        size = int(
-            self.presample_size or getattr(sampler, "presample_size", 3 * sampler.batch_size)
-        )
-        if size > n:  # a measurement should never stop a training run: measure all the data
-            warnings.warn(
-                f"variance.presample_size={size} is larger than the training set ({n}); "
-                f"measuring on all {n} points",
-                stacklevel=2,
-            )
-            size = n
-        generator = torch.Generator().manual_seed(self.seed)
-        self.presample = torch.randperm(n, generator=generator)[:size]
-        self.path = Path(trainer.out_dir) / self.filename
-        # A resumed run (first row seen is not the run's first) keeps the measurements up to the
-        # checkpoint's last row; later ones are redone, as the trainer redoes its metrics rows.
-        kept = []
-        if len(trainer.rows) > 1 and self.path.is_file():
-            resumed_through = trainer.rows[-2]["step"]
-            with open(self.path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resumed_through]
-            self.measured_steps = sorted({int(r["step"]) for r in kept})
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=VARIANCE_COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
-
-    def measure(self, trainer: Trainer) -> list[dict]:
-        """Measure now and append the rows to the file."""
-        if self.presample is None:
-            self._setup(trainer)
-        x, y = trainer.source.eval_inputs(self.presample)
-        rows = measure(
-            trainer.model,
-            x,
-            y,
-            self.batch_size,
-            trainer.loss_fn,
-            getattr(trainer.sampler, "smoothing", 0.0),
-            self.chunk_size,
-        )
-        when = {
-            "step": trainer.step,
-            "epoch": trainer.samples / trainer.num_samples,
-            "train_time": trainer.train_time,
-            "trainer_tau": trainer.sampler.tau,
-        }
-        rows = [{**when, **r} for r in rows]
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=VARIANCE_COLUMNS).writerows(rows)
-        self.measured_steps.append(trainer.step)
-        self.rows += rows
-        return rows
-
-    def on_row(self, trainer: Trainer, row: dict) -> None:
-        # the row's index in metrics.csv (the trainer appends it before calling back)
-        if (len(trainer.rows) - 1) % self.every_rows == 0:
-            self.measure(trainer)
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        if summary["status"] == "completed" and trainer.step not in self.measured_steps:
-            self.measure(trainer)
-
-
-# ------------------------------------------------------------------ analysis of variance.csv
-def read_variance(run_dir: str | Path):
-    """``run_dir/variance.csv`` as a pandas DataFrame."""
-    import pandas as pd
-
-    return pd.read_csv(Path(run_dir) / "variance.csv")
-
-
-def ordering_by_step(table):
-    """Per measurement point (index: step), whether the paper's orderings hold: ``variance``
-    (gradient_norm >= upper_bound > loss > uniform in variance reduction) and ``distance`` (the
-    upper bound closer than the loss to the gradient-norm distribution, in TV distance)."""
-    wide = table.pivot_table(
-        index="step", columns="score", values=["variance_reduction", "tv_distance"]
-    )
-    vr, tv = wide["variance_reduction"], wide["tv_distance"]
-    variance = (
-        (vr.gradient_norm >= vr.upper_bound - 1e-12)
-        & (vr.upper_bound > vr.loss)
-        & (vr.loss > vr.uniform)
-    )
-    return variance.to_frame("variance").assign(distance=tv.upper_bound < tv.loss)
-
-
-def ordering_holds(table) -> dict:
-    """The share of measurement points where each of the paper's orderings holds (see
-    ``ordering_by_step``), and ``points``, the number of measurement points."""
-    by_step = ordering_by_step(table)
-    return {
-        "points": len(by_step),
-        "variance": float(by_step.variance.mean()),
-        "distance": float(by_step.distance.mean()),
-    }
-
-
-def summarize(table):
-    """Per score: the median over measurement points of the measured quantities."""
-    columns = [
-        "variance_reduction",
-        "tau_measured",
-        "tau_hat",
-        "tv_distance",
-        "l2_distance",
-        "spearman",
-    ]
-    return table.groupby("score", sort=False)[columns].median().reindex(list(DISTRIBUTIONS))
-
-
-def plot_variance(table, title: str = ""):
-    """Four panels over training steps: variance reduction of each score, its TV distance and
-    rank correlation to the gradient-norm distribution, and tau (measured vs estimated). Each
-    score keeps its colour, line style and marker (styles.py). Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from .styles import plain_log_ticks, sampler_style
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout="constrained")
-    (ax_vr, ax_tv), (ax_rank, ax_tau) = axes
-    by_score = {name: g.sort_values("step") for name, g in table.groupby("score")}
-    span = float(table.step.max() - table.step.min()) or 1.0
-
-    def line(ax, name: str, y, offset: float = 0.0, **kwargs) -> None:
-        g = by_score[name]
-        style = {**sampler_style(name), "ms": 5, "lw": 1.6, **kwargs}
-        ax.plot(g.step + offset * span, y(g), **style)
-
-    for name in DISTRIBUTIONS:
-        if name in by_score:
-            line(ax_vr, name, lambda g: g.variance_reduction, label=name)
-    ax_vr.set(xlabel="step", ylabel="variance reduction  1 - TrCov_q / TrCov_uniform")
-    for name in ("uniform", "loss", "upper_bound"):
-        if name in by_score:
-            line(ax_tv, name, lambda g: g.tv_distance, label=name)
-    ax_tv.set(xlabel="step", ylabel="TV distance to the gradient-norm distribution")
-    # Both rank correlations sit near 1 after the first steps: 1 - rho on a log axis separates
-    # them, and the loss's markers are hollow and nudged sideways so neither hides the other.
-    for name, offset, hollow in (("loss", -0.006, True), ("upper_bound", 0.006, False)):
-        if name in by_score:
-            line(
-                ax_rank,
-                name,
-                lambda g: (1 - g.spearman).clip(lower=1e-6),
-                offset,
-                label=name,
-                **({"mfc": "white"} if hollow else {}),
-            )
-    ax_rank.set(
-        xlabel="step",
-        ylabel="1 - Spearman rank correlation with the gradient norm",
-        yscale="log",
-    )
-    ax_rank.set_title("lower = ranks points more like the gradient norm", fontsize=9, loc="right")
-    plain_log_ticks(ax_rank)
-    for name in ("loss", "upper_bound", "gradient_norm"):
-        if name in by_score:
-            line(
-                ax_tau, name, lambda g: g.tau_measured, label=f"{name}: measured TrCov_u / TrCov_q"
-            )
-            line(
-                ax_tau,
-                name,
-                lambda g: g.tau_hat,
-                marker="",
-                linestyle=(0, (2, 2)),
-                lw=1.2,
-                label=f"{name}: tau_hat = B sum q^2",
-            )
-    g = by_score.get("uniform", table)
-    tau = g.trainer_tau.where(g.trainer_tau > 0)  # 0 before the first step (Algorithm 1)
-    ax_tau.plot(
-        g.step, tau, color="black", linestyle=":", lw=1.6, label="trainer's tau (moving average)"
-    )
-    ax_tau.set(xlabel="step", ylabel="equivalent batch increment tau", yscale="log")
-    plain_log_ticks(ax_tau)
-    for ax in axes.ravel():
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8 if ax is not ax_tau else 7, handlelength=3.5)
-    if title:
-        fig.suptitle(title)
-    return fig

@@ -3,11 +3,13 @@
 A sampler has two halves, used by the training loop (trainer.py) or by your own loop::
 
     for presample in loaded:                       # x, y, indices of the points batches() chose
+        sampler.before_step(progress)              # the fraction of the run done (0-1)
         chosen = sampler.select(model, presample, loss_fn)   # positions to train on, weights
-        logits = model(chosen.x)
-        loss = chosen.weighted_mean(loss_fn(logits, chosen.y))
+        with sampler.watch(model, chosen):         # what a sampler records of the step itself
+            logits = model(chosen.x)
+            loss = chosen.weighted_mean(loss_fn(logits, chosen.y))
         loss.backward()
-        sampler.update(chosen, logits.detach(), loss_fn)     # tau switch, histories
+        sampler.update(chosen, logits.detach(), loss_fn, model)  # tau switch, histories
         optimizer.step()
 
 - ``batches()`` is the *index sampler*: an endless stream of this rank's dataset indices, b
@@ -22,6 +24,10 @@ With data-parallel ranks (distributed.py) b and B are global: each of the W rank
 scores B/W points of one seeded permutation, draws b/W with replacement and weights each loss
 1/((B/W) g_i); DDP's gradient average then estimates the mean gradient over all B points. tau
 comes from scores summed over all ranks, so every rank takes the same decision at every step.
+
+``before_step`` and ``watch`` are optional in a loop of your own: a sampler that needs the run's
+progress (InfoBatch's annealing) can count passes itself instead (``num_passes``), and the
+gradient-norm sampler without ``watch`` scores its uniform steps with an extra pass.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import Distributed
+from .collectives import Distributed
+from .grad_norms import GradNormRecorder, gradient_norm_scores
 from .order import EpochOrder, mix_seed
 from .sampling import (
     TauKind,
@@ -46,7 +54,7 @@ from .sampling import (
     score_sums,
     tau_from_sums,
 )
-from .scores import LossFn, gradient_norm_scores, loss_scores, upper_bound_scores
+from .scores import LossFn, loss_scores, upper_bound_scores
 
 SCORES = ("loss", "upper_bound", "gradient_norm")
 
@@ -104,7 +112,7 @@ class Sampler:
     so that one experiment preset can set B for every sampler."""
 
     name = "uniform"
-    progress = 0.0  # fraction of the run's budget used, set by the trainer before every step
+    progress = 0.0  # fraction of the run's budget used, from before_step
 
     def __init__(self, batch_size: int = 128, presample_size: int | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -163,7 +171,11 @@ class Sampler:
         """Passes of the index sampler over its data (for a pass-based budget)."""
         return self.order.passes
 
-    # ---------------------------------------------------------------- which to train on
+    # ---------------------------------------------------------------- the step
+    def before_step(self, progress: float) -> None:
+        """Told, before each step, the fraction of the run's budget used (0-1)."""
+        self.progress = progress
+
     def select(
         self,
         model: nn.Module,
@@ -176,22 +188,17 @@ class Sampler:
         more candidates)."""
         return Selection(presample)
 
-    def wants_grad_norms(self, chosen: Selection) -> bool:
-        """Whether ``update`` wants the per-sample gradient norms of this step's own backward
-        pass (the trainer records them with grad_norms.GradNormRecorder)."""
-        return False
+    def watch(self, model: nn.Module, chosen: Selection) -> AbstractContextManager:
+        """A context around the step's forward pass on ``chosen`` (``model``: the module the
+        step calls), in which a sampler records what it needs of the step's own forward and
+        backward (the gradient-norm sampler: each point's gradient norm). Default: nothing."""
+        return nullcontext()
 
     def update(
-        self,
-        chosen: Selection,
-        logits: Tensor,
-        loss_fn: LossFn,
-        model: nn.Module | None = None,
-        grad_norms: Tensor | None = None,
+        self, chosen: Selection, logits: Tensor, loss_fn: LossFn, model: nn.Module | None = None
     ) -> None:
         """After the step's forward and backward pass on ``chosen`` (``logits``: its outputs,
-        detached; ``grad_norms``: ||grad L_i|| of its points from that backward, when
-        ``wants_grad_norms`` asked for them)."""
+        detached; ``model``: the network, for a sampler that must score the points itself)."""
 
     # ---------------------------------------------------------------- reporting and state
     @property
@@ -283,6 +290,8 @@ class ImportanceSampler(Sampler):
         self.smoothing = float(smoothing)
         self.score_chunk_size = int(score_chunk_size)
         self.switch = VarianceReductionSwitch(tau_threshold, tau_momentum)
+        self._recorder: GradNormRecorder | None = None  # gradient_norm: norms of a uniform step
+        self._recorded = False  # the recorder watched this step's forward
         self.step_times: list[float] = []  # seconds between select() calls of uniform steps (auto)
         self.score_times: list[float] = []  # seconds of scoring forwards over B points (auto)
         self._last_call: float | None = None
@@ -400,24 +409,32 @@ class ImportanceSampler(Sampler):
         self.switch.update(tau_hat)
         return tau_hat
 
-    def wants_grad_norms(self, chosen: Selection) -> bool:
-        return self.score == "gradient_norm" and not chosen.importance
+    def watch(self, model: nn.Module, chosen: Selection) -> AbstractContextManager:
+        """The gradient-norm sampler's uniform steps: record each point's gradient norm in the
+        step's own backward (its tau then needs no extra pass). A compiled graph hides the
+        layers' activations: ``update`` then scores the batch itself."""
+        self._recorded = False
+        module = getattr(model, "module", model)  # inside DistributedDataParallel
+        if self.score != "gradient_norm" or chosen.importance or hasattr(module, "_orig_mod"):
+            return nullcontext()
+        if self._recorder is None or self._recorder.model is not module:
+            self._recorder = GradNormRecorder(module)
+        self._recorded = True
+        return self._recorder
 
     def update(
-        self,
-        chosen: Selection,
-        logits: Tensor,
-        loss_fn: LossFn,
-        model: nn.Module | None = None,
-        grad_norms: Tensor | None = None,
+        self, chosen: Selection, logits: Tensor, loss_fn: LossFn, model: nn.Module | None = None
     ) -> None:
         """After a uniform step, its own b points give the next tau_hat (Algorithm 1, line 15):
         the logits of the step's forward for the loss and the upper bound; for the gradient norm
-        the norms recorded in the step's backward (or, without them, a scoring pass)."""
+        the norms recorded in the step's backward (``watch``), or without them a scoring pass."""
         if chosen.importance:
             return
-        scores = grad_norms
-        if scores is None:
+        if self._recorded:  # (w_i / n)^2 ||grad L_i||^2 of the weighted mean loss -> ||grad L_i||
+            self._recorded = False
+            factor = 1.0 if chosen.weights is None else chosen.weights.detach()
+            scores = self._recorder.squared_norms().sqrt() * len(chosen) / factor
+        else:
             scores = self.scores(model, chosen.x, chosen.y, loss_fn, logits=logits)
         self.update_tau(scores)
 

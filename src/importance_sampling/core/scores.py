@@ -5,10 +5,9 @@ Every score maps a batch to a non-negative tensor of shape (n,):
 - ``loss_scores``           L_i, the per-sample loss (the common heuristic);
 - ``upper_bound_scores``    ||dL_i/dz_i||_2 with z the last layer's pre-activation output (logits):
                             the paper's bound, which needs only a forward pass;
-- ``gradient_norm_scores``  ||grad_theta L_i||_2 over all parameters (the optimal distribution):
-                            exact, from one forward + backward over the points (grad_norms.py);
-                            ``gradient_norm_scores_vmap`` is the same by torch.func (vmap of
-                            per-sample gradients), kept as a reference and for benchmarks.
+
+and, in grad_norms.py, ``gradient_norm_scores``: ||grad_theta L_i||_2 over all parameters (the
+optimal distribution), exact, from one forward + backward over the points.
 
 A *loss function* here is any callable ``loss_fn(outputs, targets) -> (n,)`` that returns the
 per-sample (unreduced) loss, e.g. ``functools.partial(F.cross_entropy, reduction="none")``.
@@ -17,16 +16,13 @@ per-sample (unreduced) loss, e.g. ``functools.partial(F.cross_entropy, reduction
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch import Tensor
 
-from . import grad_norms
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs (n, ...), targets (n,)) -> losses (n,)
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -94,72 +90,3 @@ def upper_bound_scores(logits: Tensor, targets: Tensor, loss_fn: LossFn = cross_
         # The loss of sample i depends only on z_i, so d(sum_j L_j)/dz_i = dL_i/dz_i.
         (dz,) = torch.autograd.grad(loss_fn(z, targets).sum(), z)
     return dz.flatten(1).norm(dim=1)
-
-
-def _per_sample_gradient_chunks(
-    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, chunk_size: int
-) -> Iterator[dict[str, Tensor]]:
-    """Yield per-sample gradients, {param name: (chunk, *param.shape)}, chunk by chunk."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the original
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    dtype = next((v.dtype for v in params.values()), torch.float32)
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    # float32 even inside a bf16 autocast step: this is the exact oracle the others are judged by
-    no_autocast = torch.autocast(inputs.device.type, enabled=False)
-    with torch.enable_grad(), torch.inference_mode(False), no_autocast:
-        for start in range(0, len(inputs), chunk_size):
-            end = start + chunk_size
-            x = inputs[start:end]
-            x = x.to(dtype) if x.is_floating_point() else x
-            yield per_sample_grads(params, x, targets[start:end])
-
-
-def gradient_norm_scores(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: LossFn = cross_entropy,
-    chunk_size: int = 256,
-) -> Tensor:
-    """Exact per-sample gradient norms ||grad_theta L_i||_2 over all trainable parameters, shape (n,).
-
-    One ordinary forward + backward per chunk of ``chunk_size`` samples, with the per-sample norms
-    taken in closed form from each layer's inputs and output gradients (``grad_norms.py``): no
-    per-sample gradient of the whole model is ever formed. Call it with the model in eval mode
-    if it has batch-dependent layers (BatchNorm): a per-sample gradient needs each sample's
-    output to depend on that sample only. Computed in the model's dtype (float32 also under
-    autocast; a float64 model in float64).
-    """
-    return grad_norms.gradient_norm_scores(model, inputs, targets, loss_fn, chunk_size)
-
-
-def gradient_norm_scores_vmap(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: LossFn = cross_entropy,
-    chunk_size: int = 256,
-) -> Tensor:
-    """The same norms as ``gradient_norm_scores`` by torch.func (vmap of grad over a functional
-    call), in chunks of ``chunk_size`` samples: memory is chunk_size copies of the gradient, time
-    is often many backward passes. Kept as an independent reference and for the benchmark."""
-    chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
-    return torch.cat([sum(t.pow(2).flatten(1).sum(1) for t in g.values()).sqrt() for g in chunks])
-
-
-def per_sample_gradients(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: LossFn = cross_entropy,
-    chunk_size: int = 256,
-) -> Tensor:
-    """Flattened per-sample gradients over all trainable parameters, shape (n, num_params)."""
-    chunks = _per_sample_gradient_chunks(model, inputs, targets, loss_fn, chunk_size)
-    return torch.cat([torch.cat([t.flatten(1) for t in g.values()], 1) for g in chunks])

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from .distributed import Distributed
+from ..core.collectives import Distributed
 
 
 def resolve_device(device: str = "auto", dist: Distributed | None = None) -> torch.device:

@@ -1,125 +1,25 @@
-"""What a run leaves in its directory, and the hooks that write it (rank 0 only).
+"""checkpoint.pt: everything needed to resume a run exactly, what identifies the run's
+configuration, and the refusal, in one line, of a file that cannot be resumed.
 
-- ``metrics.csv``   one row per evaluation (columns: ``METRICS_COLUMNS``), flushed as written;
-- ``summary.json``  the last row plus totals, written when the run ends (also after an error);
-- ``checkpoint.pt`` everything needed to resume exactly, written atomically and loaded with
-                    ``weights_only=True`` (tensors and plain containers: no pickled code), with
-                    what identifies the run's configuration (``identity``), checked on resume.
-
-Callbacks (``Callback``) are told of every metrics row and of the end of a run, outside the
-timed steps: the metrics file, the progress bar, the W&B logger and the variance measurement
-are callbacks.
+Written atomically and loaded with ``weights_only=True`` (tensors and plain containers: no
+pickled code). A checkpoint stores its ``identity`` (the model's class and parameter shapes,
+the optimizer's class, the sampler, the dataset and its size, the number of ranks), compared on
+resume; the other options (budget, cadence, learning rate) may change.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-METRICS_COLUMNS = (
-    "step",  # optimizer steps so far
-    "samples",  # training points back-propagated so far (b per step, all ranks together)
-    "epoch",  # samples / training-set size
-    "train_time",  # seconds in training steps, scoring included, evaluation excluded
-    "wall_time",  # seconds since fit() started, evaluation included
-    "train_loss",  # unweighted mean loss over the train-eval set (trainer.train_eval_size)
-    "train_error",  # its classification error
-    "test_loss",
-    "test_error",
-    "tau",  # the sampler's moving average of the equivalent batch-size increment
-    "is_fraction",  # share of steps since the previous row that used importance sampling
-    "scored",  # points scored by the sampler so far (presample forwards, all ranks)
-    "fallbacks",  # importance steps whose scores were all equal or zero (so a uniform step)
-    "world_size",  # data-parallel processes
-)  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
-
-
-class Callback:
-    """Hook into a run without touching the loop: logging, measurements, outputs.
-    Called on rank 0 only, outside the timed steps (their cost is not train_time)."""
-
-    def on_row(self, trainer: Trainer, row: dict) -> None:
-        """After each metrics row is made (``trainer.rows[-1]`` is ``row``)."""
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        """When the run ends, whatever the status (also after an error)."""
-
-
-class MetricsFile(Callback):
-    """metrics.csv: a row appended at each evaluation (open-write-close: a crash loses at most
-    the row being evaluated). On resume the file is rewritten with the checkpoint's rows, so
-    the rows after the checkpoint are redone, not doubled."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def rewrite(self, rows: list[dict]) -> None:
-        self._write(rows, header=True)
-
-    def on_row(self, trainer: Trainer, row: dict) -> None:
-        self._write([row], header=len(trainer.rows) == 1)
-
-    def _write(self, rows: list[dict], header: bool) -> None:
-        with open(self.path, "w" if header else "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else METRICS_COLUMNS)
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
-
-
-class SummaryFile(Callback):
-    """summary.json: strict JSON (a NaN, e.g. the tau of the uniform sampler, is null), written
-    atomically."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.path)
-
-
-def json_safe(summary: dict) -> dict:
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()
-    }
-
-
-class ProgressBar(Callback):
-    """A tqdm bar over the budget (seconds of train_time, else steps), updated at every row with
-    the training loss, the test error, tau and whether importance sampling is on."""
-
-    def __init__(self, total: float, unit_is_time: bool, desc: str):
-        self.unit_is_time = unit_is_time
-        self.bar = tqdm(
-            total=total,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-            desc=desc,
-        )
-
-    def on_row(self, trainer: Trainer, row: dict) -> None:
-        done = row["train_time"] if self.unit_is_time else row["step"]
-        self.bar.n = min(done, self.bar.total)
-        on = "on" if row["is_fraction"] > 0.5 else "off"
-        self.bar.set_postfix_str(
-            f"loss={row['train_loss']:.4f} err={row['test_error']:.3f} "
-            f"tau={row['tau']:.2f} IS={on}",
-            refresh=True,
-        )
-
-    def on_end(self, trainer: Trainer, summary: dict) -> None:
-        self.bar.close()
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -230,3 +130,118 @@ def to_cpu(obj):
     if isinstance(obj, list | tuple):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+# ---------------------------------------------------------------- a trainer's run as a checkpoint
+COUNTERS = (  # the Trainer's counters; with the model, optimizer, sampler and source: its state
+    "step",
+    "samples",
+    "importance_steps",
+    "train_time",
+    "steps_since_row",
+    "is_steps_since_row",
+    "last_checkpoint",
+)
+
+
+def identity(trainer: Trainer) -> dict:
+    """What a checkpoint must match to be resumed by this run (stored in it, compared on
+    resume): the model's class and parameter shapes, the optimizer's class, the sampler, the
+    dataset and its size, the number of ranks."""
+    return {
+        "project": PROJECT,
+        "model": type(trainer.model).__name__,
+        "parameters": {k: list(v.shape) for k, v in trainer.model.state_dict().items()},
+        "optimizer": type(trainer.optimizer).__name__,
+        "sampler": trainer.sampler.name,
+        "dataset": trainer.data.name,
+        "train_size": trainer.num_samples,
+        "world_size": trainer.dist.world_size,
+    }
+
+
+def rank_state(trainer: Trainer) -> dict:
+    """What differs between ranks: the sampler's and the source's positions and randomness."""
+    state = {
+        "sampler": trainer.sampler.state_dict(),
+        "source": trainer.source.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if trainer.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(trainer.device)
+    return state
+
+
+def run_state(trainer: Trainer) -> dict:
+    """The whole run on rank 0 (every rank's part gathered; {} on the other ranks)."""
+    ranks = trainer.dist.gather_objects(to_cpu(rank_state(trainer)))
+    if not trainer.dist.is_main:
+        return {}
+    return {
+        "identity": identity(trainer),
+        "world_size": trainer.dist.world_size,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "counters": {k: getattr(trainer, k) for k in COUNTERS},
+        "wall_time": trainer.wall_time(),
+        "rows": trainer.rows,
+        "ranks": ranks,
+    }
+
+
+def restore(trainer: Trainer, state: dict) -> None:
+    """Put ``state`` (``run_state`` of an earlier run) back into ``trainer``."""
+    saved_world = state.get("world_size", 1)
+    if saved_world != trainer.dist.world_size:
+        raise CheckpointError(
+            f"the checkpoint was written by {saved_world} processes and this run has "
+            f"{trainer.dist.world_size}: resume with the same number of processes"
+        )
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    mine = state["ranks"][trainer.dist.rank]
+    trainer.sampler.load_state_dict(mine["sampler"])
+    trainer.source.load_state_dict(mine["source"])
+    torch.set_rng_state(mine["torch_rng"].cpu())
+    if "cuda_rng" in mine and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), trainer.device)
+    for k, v in state["counters"].items():
+        setattr(trainer, k, v)
+    trainer.wall_offset = state["wall_time"]
+    trainer.rows = list(state["rows"])
+
+
+def write(trainer: Trainer) -> None:
+    """out_dir/checkpoint.pt now (every rank takes part; rank 0 writes)."""
+    state = run_state(trainer)
+    if trainer.dist.is_main:
+        save_checkpoint(state, trainer.out_dir / "checkpoint.pt")
+
+
+def resume(trainer: Trainer) -> bool:
+    """Load out_dir/checkpoint.pt into ``trainer`` when it resumes (``trainer.resume``); True if
+    a run was resumed. A file that cannot be resumed is a one-line CheckpointError."""
+    path = trainer.out_dir / "checkpoint.pt"
+    if trainer.resume and path.is_file():
+        state = read_checkpoint(path, identity(trainer), trainer.device)
+        try:
+            restore(trainer, state)
+        except CheckpointError:
+            raise
+        except Exception as e:  # e.g. a sampler state of other options (presample size)
+            raise CheckpointError(
+                f"{path} does not fit this run ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}): resume with the options it was "
+                "written with, or delete it, or point hydra.run.dir elsewhere"
+            ) from None
+        if trainer.dist.is_main:
+            log.info("resuming from step %d of %s", trainer.step, path)
+        return True
+    if trainer.resume == "must":
+        raise CheckpointError(
+            f"no checkpoint in {trainer.out_dir}: nothing to resume (trainer.resume=must); "
+            "run without it to start a new run"
+        )
+    if trainer.resume and trainer.dist.is_main:
+        log.warning("no checkpoint in %s: starting a new run", trainer.out_dir)
+    return False

@@ -239,15 +239,9 @@ class ImportanceConf(SamplerConf):
 
 
 @dataclass
-class HistoryConf(SamplerConf):
-    score: str = M
-    tau_threshold: float | None = M
-    tau_momentum: float = M
-    tau_kind: str = M
-    smoothing: float = M
+class HistoryConf(ImportanceConf):
     staleness: int | None = M
     uniform_mix: float = M
-    score_chunk_size: int = M
 
 
 @dataclass
@@ -371,8 +365,18 @@ def _accepts(kinds: tuple, value: Any) -> bool:
     return False
 
 
+class ConfigCheckError(ValueError):
+    """A value that composing let through; ``group`` is the config group (or section) of its
+    key, ``config`` for a key of the top level."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.group = key.split(".", 1)[0] if "." in key else "config"
+
+
 def check_config(cfg: DictConfig, prefix: str = "") -> None:
-    """The checks that composing cannot do, as a one-line ValueError: a value of a ``one_of``
+    """The checks that composing cannot do, as a one-line ConfigCheckError: a value of a ``one_of``
     field that is none of its kinds (``trainer.amp must be auto, true or false, got 'maybe'``),
     and a key added with ``+`` to a section that the builder reads by name (the top level,
     trainer, loader, variance), which would be ignored without a word."""
@@ -381,7 +385,7 @@ def check_config(cfg: DictConfig, prefix: str = "") -> None:
     for key in cfg:
         name = f"{prefix}{key}"
         if schema in OWN_SECTIONS and key not in declared:
-            raise ValueError(unknown_key(name, schema))
+            raise ConfigCheckError(name, unknown_key(name, schema))
         if OmegaConf.is_missing(cfg, key) or OmegaConf.is_interpolation(cfg, key):
             continue  # an interpolation is checked where it is read (its error names it there)
         value = cfg[key]
@@ -390,7 +394,7 @@ def check_config(cfg: DictConfig, prefix: str = "") -> None:
             continue
         kinds = declared[key].metadata.get("kinds") if key in declared else None
         if kinds and not _accepts(kinds, value):
-            raise ValueError(f"{name} must be {_kinds_text(kinds)}, got {value!r}")
+            raise ConfigCheckError(name, f"{name} must be {_kinds_text(kinds)}, got {value!r}")
 
 
 OWN_SECTIONS = (Config, TrainerConf, LoaderConf, VarianceConf)

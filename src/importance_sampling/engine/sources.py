@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..core.collectives import Distributed
+from ..core.order import mix_seed
+from ..core.samplers import Presample, Sampler
 from .data import StreamingDataset, TensorDataset
-from .distributed import Distributed
-from .order import mix_seed
 from .runtime import Runtime
-from .samplers import Presample, Sampler
 
 
 @dataclass
