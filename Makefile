@@ -1,5 +1,6 @@
-# Quick start:  make train      (set up + train on the embedded digits dataset, ~1 minute on 2 CPU cores)
-#               make test       (set up + run the test suite)
+# Quick start:  make train      (set up + train on the embedded digits dataset, ~30 s after set-up)
+#               make test       (set up + the whole test suite, as CI runs it)
+#               make test-fast  (the tests not marked slow: the inner loop while changing code)
 #               make notebooks  (set up + execute both notebooks to outputs/notebooks/*.html)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,16 +9,16 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 NOTEBOOKS := notebooks/time_to_loss.ipynb notebooks/variance_reduction.ipynb
 
-.PHONY: setup train test lint data slurm notebooks clean
+.PHONY: setup train test test-fast lint data slurm notebooks clean
 
 setup: $(VENV)/.installed
 
-# The venv is (re)built when it is missing or the requirements change.
+# The venv is (re)built when it is missing or the requirements change: the package with every
+# extra (pyproject.toml's [dev] = [all] + pytest, ruff), at the versions pinned in requirements.txt.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet -c requirements.txt -e ".[dev]"
 	touch $@
 
 # Fashion-MNIST offline: Debian's dataset-fashion-mnist package (the tests use its files).
@@ -37,8 +38,15 @@ slurm:
 train: setup
 	$(PY) train.py $(ARGS)
 
+# pytest-xdist: one worker per core and one more (many tests wait on a SLURM queue, a pip
+# install or a child process); a module's (or class's) tests stay on one worker, so that its
+# fixtures, e.g. one SLURM cluster or one sweep, are made once.
+WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup data slurm
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
+
+test-fast: setup data
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope -m "not slow" $(ARGS)
 
 # Executes the notebooks as they are committed (SWEEP_DIR / RUN_DIR from the environment, relative
 # to this directory; defaults: the newest sweep under multirun/ and the reference results) into

@@ -56,3 +56,32 @@ def test_every_citation_of_the_method_document_names_a_section_that_exists():
     assert cited, "nothing cites docs/method.md by section"
     missing = sorted(str(c) for c in cited if c[1] not in anchors)
     assert not missing
+
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_link_between_documents_reaches_a_file_and_a_heading_that_exist():
+    broken = []
+    for doc in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, section = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif section and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+                if section not in {anchor(h) for h in headings}:
+                    broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken
+
+
+def test_the_readme_is_a_front_door():
+    """At most 300 lines; its first screen sets up (activating the venv), runs and configures."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300
+    first_screen = "\n".join(lines[:60])
+    for needed in ("make train", "source .venv/bin/activate", "make test", "sampler=", "dataset="):
+        assert needed in first_screen

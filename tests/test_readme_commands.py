@@ -1,9 +1,10 @@
-"""Every shell command of the README runs as written, with a small budget, in a copy of the repo.
+"""Every shell command of the README and of docs/*.md runs as written, with a small budget, in a
+copy of the repository.
 
-Each command of the README's ```bash blocks is matched by one rule below: run it (with a few
+Each command of their ```bash blocks is matched by one rule below: run it (with a few
 seconds of budget and one seed, rewritten by the rule), or skip it for a stated reason (a GPU,
 a cluster, an account, the network, or the set-up commands CI itself runs). A command that no
-rule matches fails the test: a new README command must be run or explicitly excused here.
+rule matches fails the test: a new documented command must be run or explicitly excused here.
 The commands run in order in one temporary copy of the repository, so later ones find what
 earlier ones wrote (``multirun/<time>`` is the newest sweep, ``<date>_<time>`` likewise).
 """
@@ -14,17 +15,30 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}"
-TRAIN_BUDGET = ["trainer.time_budget=2", "trainer.eval_every_seconds=0.5", "trainer.progress=false"]
+# half a second of training, three metrics rows on 500 training points (and 500 test images where
+# the dataset has the option): what a command needs to show it works, not what it would measure
+TRAIN_BUDGET = [
+    "trainer.time_budget=0.5",
+    "trainer.eval_every_seconds=0.25",
+    "trainer.progress=false",
+    "trainer.train_eval_size=500",
+]
+HAS_TEST_SIZE = r"fashion_mnist|pixel_mnist"  # datasets whose config has dataset.test_size
 
 SKIP = [  # (pattern, reason)
     (r"^make (train|test)\b", "set-up: CI runs `make test`; `make train` builds .venv"),
-    (r"^make notebooks\b", "tests/test_notebooks* run the notebook commands"),
+    (r"^source \.venv/bin/activate$", "set-up: the tests run in the venv already"),
+    (
+        r"^make notebooks\b|jupyter nbconvert",
+        "tests/test_sweeps.py runs the notebook commands as written",
+    ),
     (r"apt-get install", "installs Debian packages (make test does it as root)"),
     (r"local_slurm\.sh|^sinfo\b|hydra/launcher=slurm", "tests/test_slurm.py runs SLURM for real"),
     (r"^jupyter lab\b", "interactive: opens a browser"),
@@ -38,13 +52,20 @@ SKIP = [  # (pattern, reason)
     ),
     (
         r"tuned_comparison\.py fashion_mnist_(mlp|cnn)(?!.*--report-only)",
-        "the whole protocol takes hours; the README's tiny digits command runs the same code",
+        "the whole protocol takes hours; the tiny digits command runs the same code",
+    ),
+    (
+        r"tuned_comparison\.py digits_mlp .*--validation-size 300",
+        "the tiny protocol: tests/test_tuned_comparison.py runs it (2 seeds, --protocol-dir, --out)",
     ),
 ]
 
 
-def commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def commands(documents: list[Path] = DOCUMENTS) -> list[str]:
+    text = "\n".join(path.read_text() for path in documents)
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
@@ -52,6 +73,35 @@ def commands() -> list[str]:
             if line and not line.startswith("#"):
                 out.append(strip_comment(line))
     return out
+
+
+def without_destination(command: str) -> tuple[str, ...]:
+    """The command's words, in order-free form, without ``--out X`` / ``--results X``: a
+    command that only adds a destination to another one (a reference's regeneration) runs the
+    same code."""
+    words, kept = shlex.split(command), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("--out", "--results"):
+            skip = True
+        else:
+            kept.append(word)
+    return tuple(sorted(kept))
+
+
+def distinct(commands: list[str]) -> list[str]:
+    """``commands`` without those that another one repeats with a destination added (the one
+    with the destination is kept, where it stands)."""
+    with_destination = {
+        without_destination(c) for c in commands if ("--out" in c or "--results" in c)
+    }
+    return [
+        c
+        for c in commands
+        if "--out" in c or "--results" in c or without_destination(c) not in with_destination
+    ]
 
 
 def strip_comment(line: str) -> str:
@@ -65,8 +115,8 @@ def strip_comment(line: str) -> str:
     return line
 
 
-def small(args: list[str]) -> list[str]:
-    """Overrides of a training command cut to a few seconds and one seed."""
+def small(args: list[str], command: str = "") -> list[str]:
+    """Overrides of a training command cut to a second and one seed."""
     out = []
     for a in args:
         key, _, value = a.partition("=")
@@ -81,8 +131,10 @@ def small(args: list[str]) -> list[str]:
         elif key == "trainer.eval_every_seconds" and value != "null":
             continue
         out.append(a)
+    if re.search(HAS_TEST_SIZE, command) and "dataset=image_folder" not in command:
+        out.append("dataset.test_size=500")
     if "trainer.time_budget=null" in out:
-        return [*out, "trainer.progress=false"]
+        return [*out, "trainer.progress=false", "trainer.train_eval_size=500"]
     return [*out, *TRAIN_BUDGET]
 
 
@@ -98,14 +150,14 @@ def rewrite(command: str, repo: Path) -> list[str]:
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         split = argv.index("train.py") + 1
-        return env_prefix + argv[:split] + small(argv[split:])
+        return env_prefix + argv[:split] + small(argv[split:], command)
     if argv[0] == "jupyter":
         return env_prefix + [sys.executable, "-m", "jupyter", *argv[1:]]
     assert argv[0] == "python", f"a README command that no rule knows: {command}"
     script, args = argv[1], argv[2:]
     python = [sys.executable, script]
     if script == "train.py":
-        return env_prefix + python + small(args)
+        return env_prefix + python + small(args, command)
     if script == "scripts/time_to_loss.py":
         if "--seeds" in args:
             i = args.index("--seeds")
@@ -115,15 +167,15 @@ def rewrite(command: str, repo: Path) -> list[str]:
             args = args[:i] + args[end:]
         rest = [a for a in args if "=" in a and not a.startswith("-")]
         flags = [a for a in args if a not in rest]
-        return env_prefix + python + flags + ["--seeds", "0"] + small(rest)
+        return env_prefix + python + flags + ["--seeds", "0"] + small(rest, command)
     if script == "scripts/variance_reduction.py":
         if "--train" not in args:
             return env_prefix + python + args
         rest = [a for a in args if "=" in a and not a.startswith("-")]
         flags = [a for a in args if a not in rest]
-        return env_prefix + python + flags + small(rest)
+        return env_prefix + python + flags + small(rest, command) + ["variance.presample_size=96"]
     if script == "scripts/benchmark_scale.py":
-        return env_prefix + python + args + ["--blocks", "1", "--steps", "5", "--ddp-steps", "20"]
+        return env_prefix + python + args + ["--blocks", "1", "--steps", "5", "--ddp-steps", "10"]
     if script == "scripts/benchmark_step.py":
         return env_prefix + python + args + ["--presets", "fashion_mnist_mlp", "--reps", "2"]
     if script == "scripts/fashion_mnist_png.py":
@@ -140,20 +192,18 @@ def skipped(command: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repository_copy(dest: Path) -> Path:
     """A copy of the repository as a clone has it (tracked files only), results/ included."""
-    copy = tmp_path_factory.mktemp("readme") / "repo"
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.split(b"\0")
     for name in filter(None, files):
         source = ROOT / name.decode()
         if source.is_file():
-            target = copy / name.decode()
+            target = dest / name.decode()
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    return copy
+    return dest
 
 
 def test_every_readme_command_is_run_or_excused_for_a_reason(tmp_path):
@@ -169,33 +219,56 @@ def test_every_readme_command_is_run_or_excused_for_a_reason(tmp_path):
     assert not unknown, "README commands with no rule in tests/test_readme_commands.py"
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs(repo):
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "IS_DATA_DIR": str(ROOT / "data"),  # the Fashion-MNIST copy, shared
-        "PYTHONPATH": str(repo / "src"),
-    }
-    ran, failed = 0, []
-    for command in commands():
-        if skipped(command):
-            continue
-        argv = rewrite(command, repo)
-        env_prefix = {}
-        while "=" in argv[0] and not argv[0].startswith("/"):
-            key, _, value = argv.pop(0).partition("=")
-            env_prefix[key] = value
-        proc = subprocess.run(
-            argv,
-            cwd=repo,
-            env={**env, **env_prefix},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        ran += 1
-        if proc.returncode != 0:
-            failed.append(f"{command}\n  ran: {shlex.join(argv)}\n  {proc.stderr[-1500:]}")
-    assert ran >= 25
-    assert not failed, "\n\n".join(failed)
+class CommandsOfADocument:
+    """Runs every command of one document, in order, in its own copy of the repository (a
+    class per document: pytest-xdist's --dist loadscope runs the documents side by side)."""
+
+    document: Path
+
+    @pytest.mark.slow
+    def test_every_command_runs(self, tmp_path):
+        repo = repository_copy(tmp_path / "repo")
+        env = {
+            **os.environ,
+            "WANDB_MODE": "disabled",
+            "IS_DATA_DIR": str(ROOT / "data"),  # the Fashion-MNIST copy, shared
+            "PYTHONPATH": str(repo / "src"),
+        }
+        ran, failed, took = 0, [], []
+        for command in distinct(commands([self.document])):
+            if skipped(command):
+                continue
+            sweeps = repo / "multirun"
+            if "<time>" in command and not (sweeps.is_dir() and any(sweeps.iterdir())):
+                continue  # the sweep it reads came from an excused command (e.g. SLURM's)
+            argv = rewrite(command, repo)
+            env_prefix = {}
+            while "=" in argv[0] and not argv[0].startswith("/"):
+                key, _, value = argv.pop(0).partition("=")
+                env_prefix[key] = value
+            start = time.perf_counter()
+            proc = subprocess.run(
+                argv,
+                cwd=repo,
+                env={**env, **env_prefix},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            took.append((time.perf_counter() - start, command))
+            ran += 1
+            if proc.returncode != 0:
+                failed.append(f"{command}\n  ran: {shlex.join(argv)}\n  {proc.stderr[-1500:]}")
+        for seconds, command in sorted(took, reverse=True)[:5]:  # shown with pytest -s
+            print(f"{seconds:6.1f} s  {command[:120]}")
+        assert not failed, "\n\n".join(failed)
+
+
+for _document in DOCUMENTS:  # TestCommandsOf_README, TestCommandsOf_usage, ...
+    _name = f"TestCommandsOf_{_document.stem.replace('-', '_')}"
+    globals()[_name] = type(_name, (CommandsOfADocument,), {"document": _document})
+
+
+def test_the_documents_run_enough_commands():
+    ran = [c for c in distinct(commands()) if not skipped(c)]
+    assert len(ran) >= 25
