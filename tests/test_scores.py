@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,73 @@ def test_a_float64_model_is_scored_in_float64():
     for norms in (gradient_norm_scores(model, x, y), gradient_norm_scores_vmap(model, x, y)):
         assert norms.dtype == torch.float64
         torch.testing.assert_close(norms, expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- precision on confident points
+def exact_upper_bound(logits: list[float], target: int) -> float:
+    """||softmax(z) - e_y|| with 60 significant digits (mpmath), for float logits."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    z = [mpmath.mpf(float(v)) for v in logits]
+    top = max(z)
+    e = [mpmath.exp(v - top) for v in z]
+    total = mpmath.fsum(e)
+    p = [v / total for v in e]
+    miss = mpmath.fsum(p[j] for j in range(len(p)) if j != target)  # 1 - p_y, exactly
+    return float(
+        mpmath.sqrt(miss**2 + mpmath.fsum(p[j] ** 2 for j in range(len(p)) if j != target))
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype, margins",
+    [(torch.float64, [0, 1, 5, 15, 30, 55, 80, 100]), (torch.float32, [0, 1, 5, 15, 20, 30])],
+)
+def test_upper_bound_keeps_its_relative_precision_on_confident_points(dtype, margins):
+    """A point predicted right with a margin of m nats has a score of about e^-m: float64 logits
+    keep it to 1e-6 relative up to 100 nats, float32 logits up to 30 (the score is then ~1e-13),
+    and it is never 0 while its gradient is not."""
+    torch.manual_seed(0)
+    for classes in (2, 10):
+        rows, targets = [], []
+        for m in margins:
+            row = -(m + torch.rand(classes, dtype=torch.float64))  # the others, m+ nats below
+            y = int(torch.randint(classes, ()))
+            row[y] = 0.0
+            rows.append(row + 3.0)  # shifted: only differences matter
+            targets.append(y)
+        logits = torch.stack(rows).to(dtype)
+        scores = upper_bound_scores(logits, torch.tensor(targets))
+        assert scores.dtype == dtype
+        exact = torch.tensor(
+            [exact_upper_bound(r.tolist(), t) for r, t in zip(logits, targets, strict=True)],
+            dtype=torch.float64,
+        )
+        relative = ((scores.double() - exact) / exact).abs()
+        assert relative.max() <= 1e-6, relative
+        assert (scores > 0).all()
+
+
+def test_upper_bound_is_zero_only_where_the_gradient_is_and_never_for_a_float32_model():
+    # 200 nats: e^-200 is below float32's range; the score is raised to its smallest normal
+    logits = torch.tensor([[200.0, 0.0, 0.0]])
+    score = upper_bound_scores(logits, torch.tensor([0]))
+    assert score.dtype == torch.float32 and score.item() == torch.finfo(torch.float32).tiny
+    # in float64 it is e^-200 sqrt(2) times 1 + tiny, exactly representable
+    score64 = upper_bound_scores(logits.double(), torch.tensor([0]))
+    assert score64.item() == pytest.approx(exact_upper_bound([200.0, 0.0, 0.0], 0), rel=1e-12)
+    # a wrong prediction: the score is about sqrt(2), no cancellation either way
+    wrong = upper_bound_scores(torch.tensor([[0.0, 40.0]]), torch.tensor([0]))
+    assert wrong.item() == pytest.approx(2**0.5, rel=1e-6)
+
+
+def test_mse_bound_keeps_its_relative_precision_when_outputs_are_near_the_targets():
+    """(2/d)||z - y||: outputs one float32 step from their targets give the exact difference."""
+    targets = torch.tensor([[1.0, -3.0], [1e4, 2.0]])
+    outputs = torch.nextafter(targets, torch.full_like(targets, math.inf))  # one ulp above
+    scores = upper_bound_scores(outputs, targets, mse)
+    diff = outputs.double() - targets.double()
+    exact = (2.0 / 2) * diff.norm(dim=1)
+    torch.testing.assert_close(scores.double(), exact, rtol=1e-7, atol=0)
+    assert (scores > 0).all()

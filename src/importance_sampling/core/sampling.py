@@ -34,7 +34,7 @@ def importance_probabilities(scores: Tensor, smoothing: float = 0.0, check: bool
     costs one host synchronisation; ``check=False`` skips the check and never synchronises
     (non-finite scores then give non-finite probabilities: not for drawing from).
     """
-    scores = scores.float()
+    scores = scores if scores.dtype == torch.float64 else scores.float()  # float64 stays
     if smoothing:
         scores = scores + smoothing
     if not check:
@@ -79,7 +79,8 @@ def equivalent_batch_increment(probs: Tensor, kind: TauKind = "variance") -> Ten
     ``std``: its square root, the official Keras code's quantity (units of standard deviation).
     Returns a 0-dim tensor (no host synchronisation).
     """
-    tau = len(probs) * probs.float().pow(2).sum()
+    probs = probs if probs.dtype == torch.float64 else probs.float()
+    tau = len(probs) * probs.pow(2).sum()
     return tau.sqrt() if kind == "std" else tau
 
 
@@ -87,7 +88,7 @@ def score_sums(scores: Tensor, smoothing: float = 0.0) -> Tensor:
     """[sum_i s_i, sum_i s_i^2] of (smoothed) scores (2,): what tau needs besides the number of
     scores, and what data-parallel ranks add up (one all-reduce of two numbers) to agree on tau
     over their combined presample."""
-    s = scores.float()
+    s = scores if scores.dtype == torch.float64 else scores.float()
     if smoothing:
         s = s + smoothing
     return torch.stack([s.sum(), s.square().sum()])
