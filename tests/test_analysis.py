@@ -434,3 +434,28 @@ def test_the_newest_sweep_is_the_one_that_started_last_not_the_last_touched(tmp_
     assert analysis.sweep_start(named) == 2.05e9
     assert analysis.newest_sweep(multirun) == named
     assert analysis.newest_sweep(tmp_path / "nothing") is None
+
+
+def test_curves_stop_where_the_shortest_seed_ends_so_the_median_never_jumps():
+    """Runs of one budget end a little apart; past the first end the median would be the last
+    seed alone (a jump no run made). The curve stops where every seed still has data."""
+    rows = []
+    for seed, end, final in ((0, 10.0, 0.0003), (1, 10.3, 0.0095), (2, 10.1, 0.0002)):
+        for t in [*range(0, 10), end]:
+            loss = 1.0 / (1 + t) if t < 9 else final
+            rows.append(
+                {
+                    "run": f"r{seed}",
+                    "sampler": "upper_bound",
+                    "seed": seed,
+                    "train_time": float(t),
+                    "train_loss": loss,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    table = analysis.curves(runs, "train_loss", points=400)
+    assert table["train_time"].max() <= 10.0 + 1e-9
+    assert (table["runs"] == 3).all()
+    last = table.iloc[-1]
+    assert last["median"] == pytest.approx(0.0003)  # the median of the three, not seed 1 alone
+    assert table["median"].iloc[-5:].max() < 0.01

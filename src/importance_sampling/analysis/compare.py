@@ -298,6 +298,8 @@ def equal_time_table(
     for sampler in samplers_in_order(values["sampler"]):
         mine = values[values["sampler"] == sampler]
         row = {"sampler": sampler, "train_time": at, "runs": len(mine)}
+        flags = runs[runs["sampler"] == sampler].drop_duplicates("run")
+        row["starved"] = int(flags["starved"].astype(bool).sum()) if "starved" in flags else 0
         for m in metrics:
             row[f"{m}_median"] = mine[m].median()
             row[f"{m}_min"], row[f"{m}_max"] = mine[m].min(), mine[m].max()
@@ -313,7 +315,10 @@ def equal_time_table(
 def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
     """Per sampler, ``metric`` on a common train_time grid: median, min and max over its runs.
 
-    Each run is interpolated on the grid up to its own last row (NaN after)."""
+    Each run is interpolated on the grid up to its own last row, and a sampler's curve stops at
+    its shortest run's end: past it the median would be over fewer seeds than before (runs of
+    one budget end a few milliseconds apart), and a curve that falls back on the last seed
+    alone draws a jump that no run made."""
     grid = np.linspace(0.0, runs["train_time"].max(), points)
     out = []
     for sampler in samplers_in_order(runs["sampler"]):
@@ -323,7 +328,7 @@ def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
                 for _, rows in _by_run(runs[runs["sampler"] == sampler])
             ]
         )
-        keep = ~np.all(np.isnan(per_run), axis=0)
+        keep = ~np.any(np.isnan(per_run), axis=0)  # where every run has data
         with np.errstate(all="ignore"):
             out.append(
                 pd.DataFrame(

@@ -17,7 +17,10 @@ CENSORED_HATCH = "////"
 
 
 def _seeds_label(runs: pd.DataFrame, sampler: str) -> str:
-    return f"{sampler} ({plural(runs.loc[runs['sampler'] == sampler, 'run'].nunique(), 'seed')})"
+    mine = runs[runs["sampler"] == sampler].drop_duplicates("run")
+    starved = int(mine["starved"].astype(bool).sum()) if "starved" in mine else 0
+    flag = f", {starved} STARVED" if starved else ""
+    return f"{sampler} ({plural(len(mine), 'seed')}{flag})"
 
 
 def focus_range(table: pd.DataFrame, skip: float = 0.1) -> tuple[float, float]:
@@ -181,10 +184,19 @@ def figure(runs: pd.DataFrame, table: pd.DataFrame, title: str | None = None):
     return legend_below(fig, handles, ncols=5, title=title)
 
 
+def _curves_note():
+    """The legend's last entry: what the curves are (no line, a label)."""
+    from matplotlib.lines import Line2D
+
+    return Line2D(
+        [], [], lw=0, label="curves: median over seeds, band min-max, up to the shortest run's end"
+    )
+
+
 def legend_below(fig, handles: list, ncols: int, title: str | None = None):
     """One legend for all of a figure's panels, under them (the censored-bar entry last), and
     the figure's title."""
-    handles = [*handles, censored_patch()]
+    handles = [*handles, censored_patch(), _curves_note()]
     fig.legend(
         handles=handles,
         loc="outside lower center",
