@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from importance_sampling.config import builder
 from importance_sampling.config.sweeps import SAMPLERS, SweepProgress, split_overrides
 
@@ -211,11 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="default: the protocol folder")
     parser.add_argument(
+        "--allow-starved",
+        action="store_true",
+        help="report even when runs flagged themselves starved (a busy machine; marked in the "
+        "report)",
+    )
+    parser.add_argument(
         "--report-only",
         type=Path,
         default=None,
         metavar="DIR",
         help="no training: the report of a protocol folder, or of a folder written by --out",
+    )
+    parser.add_argument(
+        "--final-only",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="no selection: the final runs of the settings a saved report (DIR, written by --out) "
+        "chose, for --seeds and --samplers, with its protocol's budget and overrides; the runs "
+        "of other seeds in DIR are kept in the report (e.g. to add seeds to it)",
     )
     args, extra = split_overrides(parser, argv)
     for key in ("sampler=", "optimizer.lr=", "trainer.lr_schedule=", "seed=", "dataset.validation"):
@@ -234,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.report_only is not None:
         return write_report(args, args.report_only, None)
+    if args.final_only is not None:
+        return final_only(args, argv, extra)
 
     cfg = compose(args.experiment, extra)
     budget = cfg.trainer.time_budget
@@ -321,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         chosen = tuning.choose(
             tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
         )
+        starved = list(tuning.starved_runs(chosen)["run"])
+        if starved and not args.allow_starved:  # a choice made on a busy machine: redo first
+            raise RuntimeError(
+                f"{len(starved)} selection run(s) flagged themselves starved (another process "
+                f"took their CPUs): {', '.join(starved)}. Delete them and run the same command "
+                f"with --protocol-dir {folder} on an otherwise idle machine, or pass "
+                "--allow-starved"
+            )
         picks = tuning.chosen_settings(chosen)
         progress.bar.write(
             "chosen on the validation split: "
@@ -348,6 +375,80 @@ def main(argv: list[str] | None = None) -> int:
     return write_report(args, folder, protocol)
 
 
+def final_only(args, argv: list[str], extra: list[str]) -> int:
+    """The final stage again (new code, a quieter machine) or for more seeds, from the choice
+    recorded in a saved report; the saved runs of the seeds not run here stay in the report."""
+    from importance_sampling.analysis import tuning
+
+    saved = args.final_only
+    try:
+        old_runs, selection, protocol = tuning.load_saved(saved)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    samplers = [s for s in args.samplers if s in set(selection["sampler"])]
+    picks = [s for s in tuning.chosen_settings(selection) if s.sampler in samplers]
+    overrides = list(protocol.get("overrides", [])) + extra
+    folder = (
+        args.protocol_dir
+        or ROOT / "multirun" / f"{args.experiment}_tuned" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    ).resolve()
+    jobs = [
+        (
+            folder / "final" / f"{s.sampler}_seed{seed}",
+            s.overrides() + [f"seed={seed}", "dataset.validation_size=null"],
+        )
+        for seed in args.seeds
+        for s in picks
+    ]
+    print(
+        f"{args.experiment}: {len(jobs)} final runs ({', '.join(s.sampler for s in picks)} x "
+        f"seeds {' '.join(map(str, args.seeds))}) of the settings chosen in {saved}, "
+        f"into {folder}",
+        flush=True,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    progress = SweepProgress(folder, len(jobs), folder / LOG, pattern="*/*/.hydra/config.yaml")
+    try:
+        commands = [(d, run_command(args.experiment, o, d, overrides)) for d, o in jobs]
+        run_all(commands, folder / LOG, progress, args.jobs)
+    except RuntimeError as e:
+        progress.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    progress.close()
+    new_runs = tuning.collect(folder / "final")
+    rerun = set(zip(new_runs["sampler"], new_runs["seed"], strict=True))
+    kept = old_runs[
+        [
+            (sa, se) not in rerun
+            for sa, se in zip(old_runs["sampler"], old_runs["seed"], strict=True)
+        ]
+    ]
+    runs = pd.concat([kept[kept["sampler"].isin(samplers)], new_runs], ignore_index=True)
+    seeds = sorted(set(int(s) for s in runs["seed"]))
+    protocol = {
+        **protocol,
+        "seeds": seeds,
+        "final_only": {
+            "from": str(saved),
+            "seeds_run": args.seeds,
+            "seeds_kept": sorted(set(int(s) for s in kept["seed"])),
+            "command": "python scripts/tuned_comparison.py " + shlex.join(argv),
+        },
+    }
+    (folder / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
+    starved = tuning.starved_in(new_runs, selection.iloc[:0])
+    if starved and not args.allow_starved:
+        print(f"error: runs flagged themselves starved: {', '.join(starved)}", file=sys.stderr)
+        return 1
+    out = args.out or folder
+    paths = tuning.save(runs, selection, out, protocol, args.at, args.accuracies, args.targets)
+    print(paths["table"].read_text())
+    print(f"{runs['run'].nunique()} final runs -> " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def write_report(args, folder: Path, protocol: dict | None) -> int:
     """The report of a protocol folder (selection/ and final/ runs) or of a saved report (into
     outputs/tuned/<its name>/ unless --out: a committed reference is only rewritten when --out
@@ -368,6 +469,16 @@ def write_report(args, folder: Path, protocol: dict | None) -> int:
             out = args.out or ROOT / "outputs" / "tuned" / folder.resolve().name
     except (FileNotFoundError, tuning.SelectionError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    starved = tuning.starved_in(runs, selection)
+    if starved and not args.allow_starved:
+        print(
+            f"error: {len(starved)} run(s) flagged themselves starved (another process took "
+            f"their CPUs, so their timings do not compare): {', '.join(starved)}. Delete them "
+            "and run the same command with --protocol-dir to redo them on an otherwise idle "
+            "machine, or pass --allow-starved to report anyway (the report marks them)",
+            file=sys.stderr,
+        )
         return 1
     paths = tuning.save(runs, selection, out, protocol, args.at, args.accuracies, args.targets)
     print(paths["table"].read_text())

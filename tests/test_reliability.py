@@ -88,7 +88,7 @@ BAD_INPUTS = [
         "dataset.data_dir: KeyError raised while resolving interpolation",
     ),
     (["device=cuda:7"], "device: cuda:7 was asked for"),
-    (["threads=0"], "threads must be a positive integer or null, got 0"),
+    (["threads=0"], "threads must be a positive integer, auto or null, got 0"),
     (["model._target_=torch.nn.Linear"], "model: "),
     (
         ["dataset=fashion_mnist", "dataset.debian_dir=/nonexistent"],

@@ -304,6 +304,45 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert (tmp_path / "again" / "table.md").read_text() == table
     assert snapshot(ROOT / "results") == before
 
+    # the final stage for one more seed, from the saved report: its runs join the saved ones
+    extended = tmp_path / "extended"
+    more = [
+        sys.executable,
+        str(ROOT / "scripts" / "tuned_comparison.py"),
+        "digits_mlp",
+        "--final-only",
+        str(out),
+        "--seeds",
+        "2",
+        "--protocol-dir",
+        str(tmp_path / "more"),
+        "--out",
+        str(extended),
+    ]
+    proc = subprocess.run(more, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs, chosen_again, saved = tuning.load_saved(extended)
+    assert set(runs["seed"]) == {0, 1, 2} and runs["run"].nunique() == 6
+    assert saved["seeds"] == [0, 1, 2] and saved["final_only"]["seeds_run"] == [2]
+
+    def picked(table):
+        return table[table["chosen"]][["sampler", "lr", "lr_schedule"]].values.tolist()
+
+    assert picked(chosen_again) == picked(chosen)  # the choice is the saved one
+    new = runs[runs["seed"] == 2]
+    assert set(new["lr"]) == {0.05} and set(new["eval_split"]) == {"test"}
+
+    # a final run that flagged itself starved: the protocol refuses to compare, unless told to
+    flagged = sorted((protocol / "final").iterdir())[0]
+    summary = json.loads((flagged / "summary.json").read_text())
+    (flagged / "summary.json").write_text(
+        json.dumps({**summary, "machine_share": 0.4, "starved": True})
+    )
+    again = ["digits_mlp", "--report-only", str(protocol), "--out", str(tmp_path / "starved")]
+    assert script.main(again) == 1
+    assert script.main([*again, "--allow-starved"]) == 0
+    assert "STARVED: 1 run" in (tmp_path / "starved" / "table.md").read_text()
+
 
 @pytest.mark.slow
 def test_the_protocol_refuses_overrides_it_sets_itself(tmp_path):

@@ -58,8 +58,11 @@ from .runs import (  # noqa: F401
     select_experiment,
     setup_name,
     setups,
+    starved_note,
+    starved_runs,
     sweep_start,
     title,
+    with_run_columns,
 )
 from .tables import (  # noqa: F401
     equal_time_markdown,

@@ -15,7 +15,18 @@ import yaml
 
 from .styles import SAMPLER_ORDER
 
-RUN_COLUMNS = ("run", "experiment", "dataset", "model", "sampler", "optimizer", "seed", "status")
+RUN_COLUMNS = (
+    "run",
+    "experiment",
+    "dataset",
+    "model",
+    "sampler",
+    "optimizer",
+    "seed",
+    "status",
+    "run_machine_share",  # the share of the machine the whole run got (NaN: not measured)
+    "starved",  # flagged by the run itself: its share was below the threshold (engine/machine.py)
+)
 RUNS_CSV = "runs.csv"
 
 
@@ -55,6 +66,8 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFram
         "seed": config.get("seed"),
         # no summary.json: the run is still going or was killed
         "status": summary.get("status", "running"),
+        "run_machine_share": summary.get("machine_share", math.nan),
+        "starved": bool(summary.get("starved", False)),
     }
     for i, (key, value) in enumerate(names.items()):
         metrics.insert(i, key, value)
@@ -80,12 +93,47 @@ def load(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if path.is_file():
-        return pd.read_csv(path)
+        return with_run_columns(pd.read_csv(path))
     if find_runs(path):
         return collect_runs(path)
     if (path / RUNS_CSV).is_file():
-        return pd.read_csv(path / RUNS_CSV)
+        return with_run_columns(pd.read_csv(path / RUNS_CSV))
     raise FileNotFoundError(f"no run (a directory with metrics.csv) and no {RUNS_CSV} under {path}")
+
+
+def with_run_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """A runs.csv written before a run column existed, with that column (machine share: not
+    measured, never starved) in its place."""
+    defaults = {"run_machine_share": math.nan, "starved": False}
+    for i, column in enumerate(RUN_COLUMNS):
+        if column not in runs.columns:
+            runs.insert(i, column, defaults.get(column))
+    return runs
+
+
+def starved_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that flagged itself starved (another process took its CPUs): run,
+    sampler, seed, its machine share."""
+    columns = ["run", "sampler", "seed", "run_machine_share"]
+    if "starved" not in runs:
+        return pd.DataFrame(columns=columns)
+    flagged = with_run_columns(runs[runs["starved"].astype(bool)].copy())
+    return flagged[columns].drop_duplicates("run").reset_index(drop=True)
+
+
+def starved_note(runs: pd.DataFrame) -> str:
+    """A line for a report that names the starved runs ('' when there are none)."""
+    flagged = starved_runs(runs)
+    if flagged.empty:
+        return ""
+    names = ", ".join(
+        f"{r.run} ({r.run_machine_share:.2f})" for r in flagged.itertuples(index=False)
+    )
+    return (
+        f"STARVED: {plural(len(flagged), 'run')} got less than the whole machine (machine share "
+        f"in brackets; other processes took the CPUs), so their timings do not compare: "
+        f"{names}. Rerun them one at a time on an otherwise idle machine."
+    )
 
 
 def sweep_start(sweep_dir: str | Path) -> float:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .compare import default_targets, equal_time_at, equal_time_table, speedup, time_to_loss
 from .figures import figure
-from .runs import RUNS_CSV, plural
+from .runs import RUNS_CSV, plural, starved_note
 
 
 # ---------------------------------------------------------------- tables
@@ -72,6 +72,7 @@ def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
                 f"{fmt(100 * r['test_error_max'], '.2f')}]",
                 fmt(r[f"test_error_vs_{baseline}"], ".2f"),
                 fmt(r.get("epoch_median", math.nan), ".2f"),
+                f"{r['starved']} ⚠" if r.get("starved") else "0",
             ]
         )
     return markdown_table(
@@ -83,6 +84,7 @@ def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
             "test error (%)",
             f"vs {baseline}",
             "epochs",
+            "starved runs",
         ],
         rows,
     )
@@ -112,6 +114,8 @@ def report(
     )
     if warning:
         text += f"\nWarning: {warning}.\n"
+    if note := starved_note(runs):
+        text += f"\n{note}\n"
     return table, equal, text
 
 

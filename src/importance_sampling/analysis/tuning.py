@@ -38,7 +38,15 @@ from .compare import (
     time_to_loss,
 )
 from .figures import legend_below, plot_curves, plot_time_to_loss
-from .runs import RUN_COLUMNS, collect_runs, plural, samplers_in_order
+from .runs import (
+    RUN_COLUMNS,
+    collect_runs,
+    plural,
+    samplers_in_order,
+    starved_note,
+    starved_runs,
+    with_run_columns,
+)
 from .runs import title as runs_title
 from .styles import sampler_style
 from .tables import fmt, markdown_table, time_to_loss_markdown
@@ -120,6 +128,8 @@ def selection_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "lr_schedule": last["lr_schedule"],
                 "seed": last["seed"],
                 "status": last["status"],
+                "starved": bool(last.get("starved", False)),
+                "run_machine_share": float(last.get("run_machine_share", math.nan)),
                 "eval_split": last["eval_split"],
                 "train_time": float(last["train_time"]),
                 "val_error": float(last["test_error"]),
@@ -367,7 +377,15 @@ def report(
     ]
     if warning:
         text.append(f"Warning: {warning}.\n")
+    for phase, frame in (("final", runs), ("selection", selection)):
+        if note := starved_note(frame):
+            text.append(f"{note} ({phase} runs)\n")
     return Report(equal, acc, loss, "\n".join(text))
+
+
+def starved_in(runs: pd.DataFrame, selection: pd.DataFrame) -> list[str]:
+    """The runs of a protocol, selection or final, that flagged themselves starved."""
+    return [*starved_runs(selection)["run"], *starved_runs(runs)["run"]]
 
 
 def protocol_markdown(protocol: dict, selection: pd.DataFrame, seeds: int, at: float) -> str:
@@ -557,4 +575,4 @@ def load_saved(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     protocol_path = folder / FILES["protocol"]
     protocol = json.loads(protocol_path.read_text()) if protocol_path.is_file() else {}
     selection = pd.read_csv(folder / FILES["selection"])
-    return pd.read_csv(folder / FILES["runs"]), selection, protocol
+    return with_run_columns(pd.read_csv(folder / FILES["runs"])), selection, protocol

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..core.collectives import Distributed
 from ..engine.budget import Budget, LRSchedule
 from ..engine.callbacks import Callback
 from ..engine.data import DataError, StreamingDataset, TensorDataset, hold_out_validation
+from ..engine.machine import starved_warning
 from ..engine.runtime import Runtime, resolve_device
 from ..engine.sources import LoaderOptions
 from ..engine.trainer import Trainer
@@ -187,18 +189,28 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
     return callbacks
 
 
-def _set_threads(threads, dist: Distributed, device: torch.device) -> None:
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads must be a positive integer or null, got {threads!r}")
-        torch.set_num_threads(threads)
-    elif dist.enabled and device.type == "cpu":
-        # the cores this process may run on: all of the machine's, shared by its ranks, or its own
-        # (a cluster that binds each task to cpus_per_task cores)
-        total = os.cpu_count() or 1
-        mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-        torch.set_num_threads(max(1, mine // per_node if mine == total else mine))
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (all cores), before any run sets it
+
+
+def threads_for(threads, dist: Distributed, device: torch.device) -> int | None:
+    """The number of CPU threads a run uses (None: leave torch's default).
+
+    ``auto`` (the default) leaves one core to the rest of the machine: torch's default minus
+    one. Torch's threads wait for each other at every parallel operation, so a run that uses
+    every core stalls whenever one other process takes one of them (on 2 cores, measured: the
+    digits MLP did 369 steps in 5 s with 2 threads and a busy process beside it, 1,496 with 1
+    thread; alone, 1,843 and 1,500). With several ranks on the CPU each rank takes its share of
+    the cores (or the cores a cluster bound it to)."""
+    if threads is None or threads == "auto":
+        if dist.enabled and device.type == "cpu":
+            total = os.cpu_count() or 1
+            mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+            return max(1, mine // per_node if mine == total else mine)
+        return max(1, TORCH_THREADS - 1) if threads == "auto" else None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, auto or null, got {threads!r}")
+    return threads
 
 
 def build_trainer(
@@ -217,7 +229,9 @@ def build_trainer(
     with group("device"):
         device_type = resolve_device(cfg.device).type
     dist = init_distributed(device_type)
-    _set_threads(cfg.threads, dist, torch.device(device_type))
+    threads = threads_for(cfg.threads, dist, torch.device(device_type))
+    if threads is not None:
+        torch.set_num_threads(threads)
     budget_options, runtime_options, schedule_options, trainer_options = split_section(
         OmegaConf.to_container(cfg.trainer, resolve=True), TRAINER_PARTS
     )
@@ -275,6 +289,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(format_summary(summary, out_dir))
+        if warning := starved_warning(summary):
+            print(warning, file=sys.stderr, flush=True)
     return summary
 
 

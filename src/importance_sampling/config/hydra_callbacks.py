@@ -26,6 +26,7 @@ def sweep_report(sweep_dir: str | Path) -> str:
         else []
     )
     lines = [f"multirun: {len(runs)} runs in {sweep_dir}"]
+    starved = []
     for run in runs:
         summary_path = run / "summary.json"
         if not summary_path.is_file():
@@ -33,9 +34,21 @@ def sweep_report(sweep_dir: str | Path) -> str:
             continue
         s = json.loads(summary_path.read_text())
         loss, error = s.get("train_loss", math.nan), s.get("test_error", math.nan)
-        lines.append(
+        share = s.get("machine_share")
+        line = (
             f"  {run.name}: {s.get('status', '?')}, {s.get('step', '?')} steps, "
             f"train loss {loss:.4f}, test error {100 * error:.2f}%"
+        )
+        if share is not None:
+            line += f", machine share {share:.2f}"
+        if s.get("starved"):
+            line += "  [STARVED]"
+            starved.append(run.name)
+        lines.append(line)
+    if starved:
+        lines.append(
+            f"{len(starved)} run(s) [STARVED]: other processes took the CPUs from them, so their "
+            "timings do not compare; rerun them on an otherwise idle machine"
         )
     lines.append(f"compare them: python scripts/aggregate.py {sweep_dir}")
     return "\n".join(lines)

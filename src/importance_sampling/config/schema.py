@@ -81,7 +81,7 @@ class Config:
 
     seed: int = M
     device: str = M
-    threads: int | None = M
+    threads: Any = one_of(int, "auto", None)
     data_dir: str = M
     trainer: TrainerConf = M
     loader: LoaderConf = M
@@ -235,7 +235,7 @@ class ImportanceConf(SamplerConf):
     tau_momentum: float = M
     tau_kind: str = M
     smoothing: float = M
-    score_chunk_size: int = M
+    score_chunk_size: int | None = M
 
 
 @dataclass
@@ -254,7 +254,7 @@ class OnlineBatchConf(SamplerConf):
 class SelectiveBackpropConf(SamplerConf):
     beta: float = M
     history_size: int = M
-    score_chunk_size: int = M
+    score_chunk_size: int | None = M
 
 
 @dataclass

@@ -166,6 +166,7 @@ def rank_state(trainer: Trainer) -> dict:
         "sampler": trainer.sampler.state_dict(),
         "source": trainer.source.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "machine": trainer.machine.state_dict(),
     }
     if trainer.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(trainer.device)
@@ -203,6 +204,8 @@ def restore(trainer: Trainer, state: dict) -> None:
     trainer.sampler.load_state_dict(mine["sampler"])
     trainer.source.load_state_dict(mine["source"])
     torch.set_rng_state(mine["torch_rng"].cpu())
+    if "machine" in mine:  # a checkpoint of before the machine share: it starts over
+        trainer.machine.load_state_dict(mine["machine"])
     if "cuda_rng" in mine and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), trainer.device)
     for k, v in state["counters"].items():

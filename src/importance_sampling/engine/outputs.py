@@ -38,6 +38,7 @@ METRICS_COLUMNS = (
     "scored",  # points scored by the sampler so far (presample forwards, all ranks)
     "fallbacks",  # importance steps whose scores were all equal or zero (so a uniform step)
     "world_size",  # data-parallel processes
+    "machine_share",  # share of the time the run's threads were ready that they ran (machine.py)
 )  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
 
 

@@ -36,6 +36,7 @@ from . import checkpoints
 from .budget import Budget, Clock, LRSchedule
 from .callbacks import Callback
 from .data import StreamingDataset, TensorDataset
+from .machine import MachineShare, starved
 from .outputs import MetricsFile, ProgressBar, SummaryFile, json_safe
 from .runtime import Runtime
 from .sources import LoaderOptions, make_source
@@ -166,6 +167,8 @@ class Trainer:
         self.started = time.perf_counter()  # wall clock of this process's fit
         self.stop = StopRequest()  # SIGTERM / SIGUSR1 while fit runs
         self.stopped_by = 0  # the signal that stopped the last fit (0: none)
+        self.machine = MachineShare()  # how much of the CPUs the timed steps got (machine.py)
+        self.machine_share = math.nan  # over the whole run, the slowest rank's (at the last row)
 
     def _progress_bar(self) -> ProgressBar:
         """Over seconds of train_time, else over steps (the step budget, or the steps that the
@@ -257,6 +260,7 @@ class Trainer:
         (returns its number, on every rank after the same step)."""
         self.train_model.train()
         interval_start = time.perf_counter()
+        self.machine.start()
         while True:
             clock = self.clock
             clock.train_time, stop = self._shared(
@@ -270,6 +274,7 @@ class Trainer:
                 self.train_step()
                 continue
             self.runtime.synchronize()  # count queued GPU work in this interval
+            self.machine.stop()
             self.train_time, _ = self._shared(
                 self.train_time + time.perf_counter() - interval_start
             )
@@ -282,6 +287,7 @@ class Trainer:
             if done:
                 return 0
             interval_start = time.perf_counter()  # a signal during the row stops at the top
+            self.machine.start()
 
     def _fit(self) -> dict:
         if self.dist.is_main:
@@ -329,6 +335,15 @@ class Trainer:
         clock, signum = self.dist.max_floats([mine, float(self.stop.signum)])
         return clock, int(signum)
 
+    def _machine_shares(self) -> float:
+        """The share of the machine the steps since the last row got, and (self.machine_share)
+        over the whole run: the lowest of every rank's, since the slowest rank sets the pace."""
+        interval, total = self.machine.take_interval(), self.machine.share
+        if self.dist.enabled:  # NaN (not measured) stays NaN: -max(-x) over the ranks
+            interval, total = (-v for v in self.dist.max_floats([-interval, -total]))
+        self.machine_share = total
+        return interval
+
     def _row(self) -> dict:
         train_loss, train_error = evaluate(
             self.forward, self.source.eval_batches("train"), self.loss_fn, self.runtime
@@ -351,6 +366,7 @@ class Trainer:
             "scored": self.sampler.scored,
             "fallbacks": self.sampler.fallbacks,
             "world_size": self.dist.world_size,
+            "machine_share": self._machine_shares(),
             **self.sampler.metrics(),
         }
         self.steps_since_row = self.is_steps_since_row = 0
@@ -394,6 +410,8 @@ class Trainer:
                 "importance_steps": self.importance_steps,
                 "best_test_error": min((r["test_error"] for r in self.rows), default=None),
                 "wall_time": self.wall_time(),
+                "machine_share": self.machine_share,
+                "starved": starved(self.machine_share),
             }
         )
         for callback in self.callbacks:

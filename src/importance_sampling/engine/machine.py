@@ -1,0 +1,115 @@
+"""How much of the machine a run got while it trained.
+
+Linux keeps, for every thread, the nanoseconds it spent running on a CPU and the nanoseconds it
+spent runnable but waiting for one, in the run queue (``/proc/<pid>/task/<tid>/schedstat``).
+Over the timed steps, the run's *machine share* is
+
+    share = run / (run + wait),  summed over the process's threads:
+
+1 on an otherwise idle machine (a thread that is ready runs at once), about 1/2 when another
+busy process wants every core the run uses, and far lower when torch's threads stall each other
+behind a preempted one. Only the wait for a CPU counts against the run: a thread that sleeps
+(waiting for the GPU, for a DataLoader, for work) does not. That is why it is read from the
+scheduler rather than computed as CPU time / (wall time x threads), which falls below 1 on an
+idle machine whenever a thread has nothing to do and so cannot tell a starved run from one
+with idle threads.
+
+Where schedstat is missing (not Linux, or a kernel without CONFIG_SCHED_INFO) the share is NaN:
+not measured, never flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+STARVED_BELOW = 0.9  # a run whose share of the machine is below this is flagged
+
+
+def starved(share: float) -> bool:
+    """Whether a run with this machine share is flagged (never when it was not measured)."""
+    return share < STARVED_BELOW  # False for NaN
+
+
+def starved_warning(summary: dict, threshold: float = STARVED_BELOW) -> str | None:
+    """The one line a flagged run ends with (None for a run that is not flagged)."""
+    share = summary.get("machine_share")
+    if not summary.get("starved") or share is None:
+        return None
+    return (
+        f"warning: this run's threads got {share:.0%} of the time they were ready to run "
+        f"(machine_share {share:.2f} < {threshold}): other processes took the CPUs, so its "
+        "timings do not compare with other runs. Rerun it on an otherwise idle machine, "
+        "one run at a time (docs/reliability.md#timed-runs-need-an-idle-machine)."
+    )
+
+
+def thread_times(pid: int | None = None) -> dict[int, tuple[int, int]] | None:
+    """{thread id: (ns running, ns waiting in the run queue)} of a process (default: this one);
+    None where the kernel does not say."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    out = {}
+    try:
+        for task in tasks.iterdir():
+            try:
+                run, wait, _ = (task / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue  # a thread that ended while we read
+            out[int(task.name)] = (int(run), int(wait))
+    except OSError:
+        return None
+    return out or None
+
+
+class MachineShare:
+    """Accumulates the run and wait time of this process's threads over the intervals between
+    ``start()`` and ``stop()`` (the timed steps of a run, not its evaluations).
+
+    ``interval`` is the share over the intervals since the last ``take_interval()`` (a metrics
+    row), ``share`` the share over every interval so far; both NaN when not measured."""
+
+    def __init__(self) -> None:
+        self.available = thread_times() is not None
+        self.run_ns = self.wait_ns = 0  # over the whole run (restored on resume)
+        self._interval = [0, 0]
+        self._since: dict[int, tuple[int, int]] | None = None
+
+    def start(self) -> None:
+        if self.available:
+            self._since = thread_times()
+
+    def stop(self) -> None:
+        if not self.available or self._since is None:
+            return
+        now = thread_times() or {}
+        run = wait = 0
+        for tid, (r, w) in now.items():
+            r0, w0 = self._since.get(tid, (0, 0))  # a thread started in the interval: all of it
+            run, wait = run + r - r0, wait + w - w0
+        self._since = None
+        self.run_ns, self.wait_ns = self.run_ns + run, self.wait_ns + wait
+        self._interval[0] += run
+        self._interval[1] += wait
+
+    @staticmethod
+    def ratio(run: int, wait: int) -> float:
+        return run / (run + wait) if run + wait > 0 else math.nan
+
+    @property
+    def share(self) -> float:
+        if not self.available:
+            return math.nan
+        return self.ratio(self.run_ns, self.wait_ns)
+
+    def take_interval(self) -> float:
+        """The share since the last call (NaN if nothing was measured), and start a new one."""
+        run, wait = self._interval
+        self._interval = [0, 0]
+        return self.ratio(run, wait) if self.available else math.nan
+
+    def state_dict(self) -> dict:
+        return {"run_ns": self.run_ns, "wait_ns": self.wait_ns}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_ns, self.wait_ns = int(state["run_ns"]), int(state["wait_ns"])
