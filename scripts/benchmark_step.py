@@ -2,10 +2,13 @@
 
 For each experiment preset, times side by side in one process (interleaved, median of many):
   uniform   one uniform SGD step on b points;
-  score     a bare scoring forward over B points (no autograd; the upper-bound score);
+  forward   the training forward of that step alone (b points, autograd on, train mode);
+  score     the sampler's scoring forward over B points (no autograd; the upper-bound score);
   is_step   one importance-sampling step (presample B, score, resample b, weighted SGD step).
-and checks is_step <= 1.10 x (uniform + score). The last column, uniform step x steps per epoch,
-is the expected time of an epoch at that scale (run it with --scale gpu on a GPU for the paper's).
+It reports is_step / (uniform + score), which should stay near 1 (the sampler adds nothing but
+its scoring), and the scoring cost per point over the training forward's per point, which the
+paper's cost model takes as 1 (at most 1.2 here). The last column, uniform step x steps per
+epoch, is the expected time of an epoch at that scale (--scale gpu on a GPU for the paper's).
 
     python scripts/benchmark_step.py                      # every preset at CPU scale (scale=cpu)
     python scripts/benchmark_step.py --scale gpu          # the paper's scale (on a GPU)
@@ -21,15 +24,20 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from importance_sampling.config import builder
 from importance_sampling.config.builder import build_dataset, build_trainer
+from importance_sampling.config.schema import config_error_line
+from importance_sampling.config.sweeps import split_overrides
 from importance_sampling.core.samplers import ImportanceSampler
 from importance_sampling.engine.data import DataError, RandomCropFlip, TensorDataset, synthetic
 
@@ -45,6 +53,9 @@ PRESETS = [
 
 
 def compose(preset: str, scale: str, overrides: list[str], sampler: str = "upper_bound"):
+    """The preset with ``sampler``; ``sampler.*`` overrides reach the importance sampler only."""
+    if sampler == "uniform":
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("sampler.")]
     return builder.compose(
         f"experiment={preset}",
         f"scale={scale}",
@@ -126,18 +137,27 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         with trainer.runtime.autocast():
             importance.scores(trainer.forward, presample.x, presample.y, trainer.loss_fn)
 
+    uniform = trainers["uniform"]
+
+    def forward():  # the training forward of a uniform step: b points, autograd on
+        presample = next(uniform.source)
+        with uniform.runtime.autocast():
+            uniform.loss_fn(uniform.train_model(presample.x), presample.y).mean()
+
     for t in trainers.values():
         t.train_model.train()
-    for fn in (uniform_step, score, is_step):  # warm-up (allocator, kernels, compile)
+    for fn in (uniform_step, forward, score, is_step):  # warm-up (allocator, kernels, compile)
         for _ in range(3):
             fn()
-    times = {"uniform": [], "score": [], "is_step": []}
-    for _ in tqdm(range(reps), desc=preset, leave=False):  # interleaved: drifts hit all three
+    times = {"uniform": [], "forward": [], "score": [], "is_step": []}
+    for _ in tqdm(range(reps), desc=preset, leave=False):  # interleaved: drifts hit them all
         times["uniform"].append(timed(uniform_step, trainer.device))
+        times["forward"].append(timed(forward, trainer.device))
         times["score"].append(timed(score, trainer.device))
         times["is_step"].append(timed(is_step, trainer.device))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     ratio = med["is_step"] / (med["uniform"] + med["score"])
+    per_point = (med["score"] / B) / (med["forward"] / b)
     return {
         "preset": preset,
         "data": data.name,
@@ -146,6 +166,8 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         **med,
         "ratio": ratio,
         "ok": ratio <= 1.10,
+        "per_point": per_point,
+        "chunk": importance.chunk_size,
         # a uniform epoch over this scale's training set: the expected time per epoch
         "epoch_s": med["uniform"] / 1000 * math.ceil(trainer.num_samples / b),
         "device": str(trainer.device),
@@ -156,7 +178,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--presets", nargs="+", default=PRESETS, metavar="PRESET")
     parser.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument(
         "--reps", type=int, default=30, help="timed repetitions of each measurement"
@@ -174,24 +196,31 @@ def main() -> int:
         help="exit with 1 when an importance step costs more than 1.10 x (uniform + score)",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides, e.g. threads=2 device=cuda"
+        "overrides", nargs="*", help="Hydra overrides (key=value), e.g. threads=2 device=cuda"
     )
-    args = parser.parse_args()
+    args, overrides = split_overrides(parser)  # a key=value may follow --presets
+    args.overrides = overrides
 
     rows = []
     header = (
-        "| preset | data | b | B | uniform step (ms) | scoring forward over B (ms) "
+        "| preset | data | b | B | uniform step (ms) | training forward over b (ms) "
+        "| scoring over B (ms) | scoring per point / training forward per point "
         "| importance step (ms) | IS / (uniform + score) | uniform epoch (s) |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 11]
     print(header)
     for preset in args.presets:
-        r = benchmark(preset, args.scale, args.reps, args.synthetic, args.overrides)
+        try:
+            r = benchmark(preset, args.scale, args.reps, args.synthetic, args.overrides)
+        except (HydraException, OmegaConfBaseException) as e:  # a preset or override that is wrong
+            print(f"error: {config_error_line(e)}", file=sys.stderr)
+            return 2
         rows.append(r)
         line = (
-            f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | {r['score']:.2f} | "
-            f"{r['is_step']:.2f} | {r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} | "
-            f"{r['epoch_s']:.1f} |"
+            f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | "
+            f"{r['forward']:.2f} | {r['score']:.2f} (chunks of {r['chunk']}) | "
+            f"{r['per_point']:.2f} | {r['is_step']:.2f} | "
+            f"{r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} | {r['epoch_s']:.1f} |"
         )
         lines.append(line)
         print(line, flush=True)

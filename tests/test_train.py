@@ -131,7 +131,7 @@ SHARED = {
     "tau_momentum": 0.9,
     "tau_kind": "variance",
     "smoothing": 0.0,
-    "score_chunk_size": 1024,
+    "score_chunk_size": None,
 }
 
 

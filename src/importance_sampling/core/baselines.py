@@ -251,18 +251,15 @@ class SelectiveBackpropSampler(Sampler):
         presample_size: int | None = None,
         beta: float = 1.0,
         history_size: int = 1024,
-        score_chunk_size: int = 1024,
+        score_chunk_size: int | None = None,
     ):
         super().__init__(batch_size)
         if beta < 0:
             raise ValueError(f"sampler.beta must be >= 0, got {beta}")
         if history_size < 1:
             raise ValueError(f"sampler.history_size must be >= 1, got {history_size}")
-        self.beta, self.history_size, self.score_chunk_size = (
-            float(beta),
-            int(history_size),
-            int(score_chunk_size),
-        )
+        self.beta, self.history_size = float(beta), int(history_size)
+        self.score_chunk_size = score_chunk_size  # unused: candidates are forwarded b at a time
 
     def setup(self, num_samples, seed=0, device="cpu", dist=None) -> None:
         super().setup(num_samples, seed, device, dist)
