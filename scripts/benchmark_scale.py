@@ -90,8 +90,8 @@ def loading(args) -> list[str]:
     def bare_step():
         x, y = next(bare_it)
         x, y = x.to(memory.device), y.to(memory.device)
-        with torch.no_grad():
-            scores = upper_bound_scores(bare_model(x), y)
+        with torch.no_grad():  # in forwards of b points, as the sampler scores
+            scores = upper_bound_scores(torch.cat([bare_model(c) for c in x.split(128)]), y)
         positions, weights = resample(importance_probabilities(scores, check=False), 128)
         loss = (weights * cross_entropy(bare_model(x[positions]), y[positions])).mean()
         bare_opt.zero_grad(set_to_none=True)

@@ -29,7 +29,7 @@ MAY_IMPORT = {  # layer -> the package's layers it may import
 }
 THIRD_PARTY = {  # layer -> the third-party packages its modules may import (besides the stdlib)
     "core": {"torch", "numpy"},
-    "engine": {"torch", "numpy", "torchvision", "sklearn", "scipy", "tqdm", "wandb"},
+    "engine": {"torch", "numpy", "torchvision", "PIL", "sklearn", "scipy", "tqdm", "wandb"},
     "config": {"torch", "hydra", "omegaconf", "yaml", "tqdm", "submitit"},
     "analysis": {"numpy", "pandas", "matplotlib", "scipy", "yaml"},
 }

@@ -134,7 +134,7 @@ def test_svhn_mat_files_map_label_10_to_digit_0(data_dir):
 def test_image_folder(data_dir):
     data = image_folder(data_dir / "mit67" / "train", data_dir / "mit67" / "test", image_size=32)
     assert data.train_x.shape == (64, 3, 32, 32) and data.test_x.shape == (16, 3, 32, 32)
-    assert data.num_classes == 4 and data.name == "train"
+    assert data.num_classes == 4 and data.name == "mit67"  # the split folder's parent
     split = image_folder(data_dir / "mit67" / "train", image_size=16, test_fraction=0.25)
     assert len(split.train_x) == 48 and torch.bincount(split.test_y).tolist() == [4, 4, 4, 4]
 

@@ -154,3 +154,29 @@ def test_any_tensor_dataset_streams_item_by_item(tmp_path):
     assert torch.equal(x, data.train_x[5]) and int(y) == int(data.train_y[5])
     rows = train(streamed, tmp_path, steps=20, workers=0)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+@pytest.mark.slow
+def test_grey_pngs_stay_one_channel_and_a_split_folder_is_named_after_its_dataset(png_tree):
+    streamed = folder(png_tree, stream=True)
+    assert streamed.input_shape == (1, 28, 28) and streamed.name == png_tree.name
+    x, _ = streamed.train_eval[0]
+    assert x.shape == (1, 28, 28)
+    in_memory = folder(png_tree)
+    assert in_memory.train_x.shape[1:] == (1, 28, 28) and in_memory.name == png_tree.name
+    rgb = folder(png_tree, channels=3)  # a network that asks for three gets three
+    assert rgb.train_x.shape[1:] == (3, 28, 28)
+    torch.testing.assert_close(rgb.train_x[:, 0] * 0.229 + 0.485, rgb.train_x[:, 1] * 0.224 + 0.456)
+    with pytest.raises(ValueError, match="dataset.channels must be 1, 3 or null"):
+        folder(png_tree, channels=2)
+
+
+@pytest.mark.slow
+def test_a_torchvision_resnet_takes_grey_images_as_three_equal_channels():
+    from importance_sampling.engine.models import TorchvisionResNet
+
+    torch.manual_seed(0)
+    model = TorchvisionResNet((1, 32, 32), 10, arch="resnet18", weights=None).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(x.expand(-1, 3, -1, -1)))

@@ -148,6 +148,7 @@ class ImageFolderConf(DatasetConf):
     train_size: int | None = M
     test_size: int | None = M
     augment: bool = M
+    channels: int | None = M
 
 
 @dataclass

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -97,6 +98,14 @@ class TensorItems(Dataset):
         if self.augment is not None:
             x = self.augment(x[None])[0]
         return x, self.y[i]
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor] | None:
+        """Items ``indices`` at once, (x (n, ...), y (n,)), when they involve no randomness (no
+        augmentation; None otherwise): one gather instead of n item lookups."""
+        if self.augment is not None:
+            return None
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self.x[index], self.y[index]
 
 
 @dataclass
@@ -573,10 +582,14 @@ def image_folder(
     test_size: int | None = None,
     augment: bool = True,
     stream: bool = False,
+    channels: int | None = None,
 ) -> TensorDataset | StreamingDataset:
     """Any folder of class sub-folders (``root/<class>/<image>``), e.g. MIT67 indoor scenes or
     ImageNet, with ImageNet normalisation (for pretrained networks). Test split: ``test_root``
-    with the same classes, or a stratified ``test_fraction`` of ``root``.
+    with the same classes, or a stratified ``test_fraction`` of ``root``. The dataset is named
+    after ``root``, or after its parent when ``root`` is a split's folder (``.../mit67/train``:
+    ``mit67``). ``channels``: 1 (grey) or 3 (RGB); None: the images' own (1 when the first image
+    is greyscale, e.g. Fashion-MNIST written as PNG files).
 
     ``stream=False`` loads every image once into memory at ``image_size`` (resize + centre crop;
     n x 3 x image_size^2 floats), augmented on the device by random crops and flips.
@@ -592,7 +605,14 @@ def image_folder(
             f"image folder {root} does not exist: set dataset.root to a folder of "
             f"class sub-folders (root/<class>/<image>)"
         )
-    normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if channels not in (None, 1, 3):
+        raise ValueError(f"dataset.channels must be 1, 3 or null, got {channels!r}")
+    if channels is None:  # the images' own: look at the first one
+        first = _first_image(root)
+        channels = 1 if first is not None and PILImage.is_grey(first) else 3
+    name = root.name if root.name.lower() not in SPLIT_FOLDERS else root.parent.name
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels != 1 else (GREY_MEAN, GREY_STD)
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     eval_tf = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), *normalise]
     )
@@ -608,7 +628,7 @@ def image_folder(
 
     def folder(path: Path, tf, classes: list[str] | None = None) -> ImageFolder:
         try:
-            ds = ImageFolder(path, transform=tf)
+            ds = ImageFolder(path, transform=tf, loader=PILImage("L" if channels == 1 else "RGB"))
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"could not read images from {path}: {e}") from e
         if classes is not None and ds.classes != classes:
@@ -634,12 +654,12 @@ def image_folder(
     if stream:
         eval_train = train_ds if train_tf is eval_tf else folder(root, eval_tf)
         return StreamingDataset(
-            root.name,
+            name,
             Subset(train_ds, train_idx),
             Subset(eval_train, train_idx),
             Subset(test_ds, test_idx),
             len(classes),
-            (3, image_size, image_size),
+            (channels, image_size, image_size),
         )
 
     def load(ds: ImageFolder, indices: list[int]) -> tuple[Tensor, Tensor]:
@@ -650,12 +670,49 @@ def image_folder(
         return torch.stack(xs), torch.tensor(ys)
 
     return TensorDataset(
-        root.name,
+        name,
         *load(train_ds, train_idx),
         *load(test_ds, test_idx),
         len(classes),
         RandomCropFlip(image_size // 8) if augment else None,
     )
+
+
+SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "test", "testing"}
+GREY_MEAN, GREY_STD = [0.449], [0.226]  # ImageNet's channel means and stds, averaged
+
+
+def _first_image(root: Path) -> Path | None:
+    """The first image file of the first class folder (ImageFolder's order), or None."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
+            for name in sorted(files):
+                if name.lower().endswith(IMG_EXTENSIONS):
+                    return Path(dirpath) / name
+    return None
+
+
+class PILImage:
+    """ImageFolder's loader: the image file as a PIL image in ``mode`` ("L": grey, "RGB")
+    (a class, not a closure: DataLoader workers started by forkserver unpickle it)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            return Image.open(f).convert(self.mode)
+
+    @staticmethod
+    def is_grey(path: str) -> bool:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.mode in ("1", "L", "LA", "I", "I;16", "F")
 
 
 # ------------------------------------------------------------------ a validation split

@@ -4,11 +4,12 @@ Linux keeps, for every thread, the nanoseconds it spent running on a CPU and the
 spent runnable but waiting for one, in the run queue (``/proc/<pid>/task/<tid>/schedstat``).
 Over the timed steps, the run's *machine share* is
 
-    share = run / (run + wait),  summed over the process's threads:
+    share = run / (run + wait),  summed over the threads of the process and of its children:
 
 1 on an otherwise idle machine (a thread that is ready runs at once), about 1/2 when another
 busy process wants every core the run uses, and far lower when torch's threads stall each other
-behind a preempted one. Only the wait for a CPU counts against the run: a thread that sleeps
+behind a preempted one. The children are the run's DataLoader workers: a run whose own workers
+and threads want more cores than there are is not timed fairly either, and is counted so. Only the wait for a CPU counts against the run: a thread that sleeps
 (waiting for the GPU, for a DataLoader, for work) does not. That is why it is read from the
 scheduler rather than computed as CPU time / (wall time x threads), which falls below 1 on an
 idle machine whenever a thread has nothing to do and so cannot tell a starved run from one
@@ -39,26 +40,38 @@ def starved_warning(summary: dict, threshold: float = STARVED_BELOW) -> str | No
         return None
     return (
         f"warning: this run's threads got {share:.0%} of the time they were ready to run "
-        f"(machine_share {share:.2f} < {threshold}): other processes took the CPUs, so its "
-        "timings do not compare with other runs. Rerun it on an otherwise idle machine, "
-        "one run at a time (docs/reliability.md#timed-runs-need-an-idle-machine)."
+        f"(machine_share {share:.2f} < {threshold}): other processes (or its own DataLoader "
+        "workers, with more threads and workers than cores) took the CPUs, so its timings do "
+        "not compare with other runs. Rerun it on an otherwise idle machine, one run at a time "
+        "(docs/reliability.md#timed-runs-need-an-idle-machine)."
     )
 
 
 def thread_times(pid: int | None = None) -> dict[int, tuple[int, int]] | None:
-    """{thread id: (ns running, ns waiting in the run queue)} of a process (default: this one);
-    None where the kernel does not say."""
-    tasks = Path(f"/proc/{pid or os.getpid()}/task")
-    out = {}
-    try:
-        for task in tasks.iterdir():
+    """{thread id: (ns running, ns waiting in the run queue)} of a process (default: this one)
+    and of its child processes (DataLoader workers); None where the kernel does not say."""
+    out: dict[int, tuple[int, int]] = {}
+    pending, seen = [pid or os.getpid()], set()
+    while pending:
+        process = pending.pop()
+        seen.add(process)
+        try:
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+        except OSError:
+            if process == (pid or os.getpid()):
+                return None
+            continue  # a child that ended
+        for task in tasks:
             try:
                 run, wait, _ = (task / "schedstat").read_text().split()
             except (OSError, ValueError):
                 continue  # a thread that ended while we read
             out[int(task.name)] = (int(run), int(wait))
-    except OSError:
-        return None
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                children = []
+            pending += [int(c) for c in children if int(c) not in seen]
     return out or None
 
 

@@ -126,7 +126,8 @@ class TorchvisionResNet(nn.Module):
 
     ``weights``: None (random init), ``imagenet`` (torchvision's IMAGENET1K_V1 file, taken from
     the torch hub cache when it is there: nothing is downloaded during training) or a path to a
-    state-dict file. ``freeze``: ``none`` or ``backbone`` (train only the new head).
+    state-dict file. ``freeze``: ``none`` or ``backbone`` (train only the new head). Grey
+    images (``input_shape`` (1, H, W)) reach the RGB network as three equal channels.
     """
 
     def __init__(
@@ -152,12 +153,13 @@ class TorchvisionResNet(nn.Module):
                 torch.load(_pretrained_file(arch, weights), map_location="cpu", weights_only=True)
             )
         self.net.fc = nn.Linear(self.net.fc.in_features, num_classes)
+        self.grey = input_shape[0] == 1
         if freeze == "backbone":
             for name, p in self.net.named_parameters():
                 p.requires_grad_(name.startswith("fc."))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(x.expand(-1, 3, -1, -1) if self.grey else x)
 
 
 def _pretrained_file(arch: str, weights: str) -> Path:

@@ -137,6 +137,36 @@ class SeededItems(Dataset):
             generator.set_state(state)
         return x, torch.as_tensor(y), index
 
+    def __getitems__(self, keys: list[tuple[int, int]]):
+        """A whole batch (the DataLoader's fetcher calls this when it exists): at once, as
+        (x, y, index) tensors, from a dataset that can (``batch``: items without randomness,
+        which need no seeds); else item by item, each with its seed."""
+        batch = getattr(self.dataset, "batch", None)
+        if batch is not None:
+            indices = [index for index, _ in keys]
+            items = batch(indices)
+            if items is not None:
+                x, y = items
+                return x, torch.as_tensor(y), torch.as_tensor(indices, dtype=torch.int64)
+        return [self[key] for key in keys]
+
+
+def collate_items(items) -> tuple[Tensor, ...]:
+    """A batch of ``SeededItems`` (a list of items, or the (x, y, index) tensors of
+    ``__getitems__``) as (x, [y, index]) when the labels are integers: two tensors to hand from
+    a worker to the training process, not three (each costs a handshake of torch's
+    file-descriptor sharing, about 1 ms a tensor: a third of a streamed MLP step). Other
+    targets (vectors, floats) come as (x, y, index)."""
+    if isinstance(items, tuple):
+        x, y, index = items
+    else:
+        xs, ys, indices = zip(*items, strict=True)
+        x, y = torch.stack(xs), torch.stack(ys)
+        index = torch.tensor(indices, dtype=torch.int64)
+    if y.dim() == 1 and not y.is_floating_point():
+        return x, torch.stack([y.long(), index], 1)
+    return x, y, index
+
 
 class _DrawnBatches:
     """The sampler's index stream as a DataLoader ``batch_sampler`` of (index, seed) pairs.
@@ -206,7 +236,10 @@ class LoaderSource:
         generator = torch.Generator().manual_seed(mix_seed(seed, self.dist.rank, 0xA6))
         self.batch_sampler = _DrawnBatches(sampler, generator)
         self.loader = DataLoader(
-            SeededItems(data.train), batch_sampler=self.batch_sampler, **self._loader_kwargs
+            SeededItems(data.train),
+            batch_sampler=self.batch_sampler,
+            collate_fn=collate_items,
+            **self._loader_kwargs,
         )
         self._it: Iterator | None = None
         self.eval_batch_size = eval_batch_size
@@ -223,8 +256,9 @@ class LoaderSource:
     def __next__(self) -> Presample:
         if self._it is None:
             self._it = iter(self.loader)
-        x, y, indices = next(self._it)
+        x, *rest = next(self._it)
         self.batch_sampler.consumed()
+        y, indices = rest if len(rest) == 2 else rest[0].unbind(1)
         return Presample(self._to_device(x), self._to_device(y), self._to_device(indices))
 
     def _to_device(self, t: Tensor) -> Tensor:
