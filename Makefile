@@ -2,6 +2,8 @@
 #               make test       (set up + the whole test suite, as CI runs it)
 #               make test-fast  (the tests not marked slow: the inner loop while changing code)
 #               make notebooks  (set up + execute both notebooks to outputs/notebooks/*.html)
+#               make bench      (every performance figure of docs/benchmarks.md, on an idle machine)
+#               make gpu-check  (every GPU figure, on a machine with a GPU: results/gpu_<name>.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +11,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 NOTEBOOKS := notebooks/time_to_loss.ipynb notebooks/variance_reduction.ipynb
 
-.PHONY: setup train test test-fast lint data slurm notebooks clean
+.PHONY: setup train test test-fast lint data slurm notebooks bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +55,13 @@ test-fast: setup data
 # HTML under outputs/notebooks/; the committed notebooks are never rewritten.
 notebooks: setup
 	$(PY) -m jupyter nbconvert --to html --execute --output-dir outputs/notebooks $(NOTEBOOKS)
+
+# Timed: run them on an otherwise idle machine (the report says how much of it they got).
+bench: setup data
+	$(PY) scripts/bench.py --out results/bench_cpu.md $(ARGS)
+
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -2,6 +2,9 @@
 
 For each experiment preset, times side by side in one process (interleaved, median of many):
   uniform   one uniform SGD step on b points;
+  bare      the same step written as a plain PyTorch loop (random indices into the same tensors,
+            the same augmentation, forward, loss, backward, optimizer step): what the trainer,
+            the sampler and the data path add to a uniform step;
   forward   the training forward of that step alone (b points, autograd on, train mode);
   score     the sampler's scoring forward over B points (no autograd; the upper-bound score);
   is_step   one importance-sampling step (presample B, score, resample b, weighted SGD step).
@@ -144,14 +147,29 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
         with uniform.runtime.autocast():
             uniform.loss_fn(uniform.train_model(presample.x), presample.y).mean()
 
+    tensors = uniform.source.data  # the training set, on the device
+    generator = torch.Generator(uniform.device).manual_seed(0)
+
+    def bare_step():  # a plain loop: indices, gather, augment, forward, loss, backward, step
+        idx = torch.randint(len(tensors.train_y), (b,), device=uniform.device, generator=generator)
+        x = tensors.train_x[idx]
+        if tensors.augment is not None:
+            x = tensors.augment(x, generator)
+        with uniform.runtime.autocast():
+            loss = torch.nn.functional.cross_entropy(uniform.train_model(x), tensors.train_y[idx])
+        uniform.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        uniform.optimizer.step()
+
     for t in trainers.values():
         t.train_model.train()
-    for fn in (uniform_step, forward, score, is_step):  # warm-up (allocator, kernels, compile)
+    for fn in (uniform_step, bare_step, forward, score, is_step):  # warm-up (allocator, ...)
         for _ in range(3):
             fn()
-    times = {"uniform": [], "forward": [], "score": [], "is_step": []}
+    times = {"uniform": [], "bare": [], "forward": [], "score": [], "is_step": []}
     for _ in tqdm(range(reps), desc=preset, leave=False):  # interleaved: drifts hit them all
         times["uniform"].append(timed(uniform_step, trainer.device))
+        times["bare"].append(timed(bare_step, trainer.device))
         times["forward"].append(timed(forward, trainer.device))
         times["score"].append(timed(score, trainer.device))
         times["is_step"].append(timed(is_step, trainer.device))
@@ -203,11 +221,12 @@ def main() -> int:
 
     rows = []
     header = (
-        "| preset | data | b | B | uniform step (ms) | training forward over b (ms) "
-        "| scoring over B (ms) | scoring per point / training forward per point "
-        "| importance step (ms) | IS / (uniform + score) | uniform epoch (s) |"
+        "| preset | data | b | B | uniform step (ms) | bare loop step (ms) | uniform / bare "
+        "| training forward over b (ms) | scoring over B (ms) "
+        "| scoring per point / training forward per point | importance step (ms) "
+        "| IS / (uniform + score) | uniform epoch (s) |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 13]
     print(header)
     for preset in args.presets:
         try:
@@ -218,6 +237,7 @@ def main() -> int:
         rows.append(r)
         line = (
             f"| {r['preset']} | {r['data']} | {r['b']} | {r['B']} | {r['uniform']:.2f} | "
+            f"{r['bare']:.2f} | {r['uniform'] / r['bare']:.2f} | "
             f"{r['forward']:.2f} | {r['score']:.2f} (chunks of {r['chunk']}) | "
             f"{r['per_point']:.2f} | {r['is_step']:.2f} | "
             f"{r['ratio']:.2f} {'ok' if r['ok'] else 'OVER 1.10'} | {r['epoch_s']:.1f} |"

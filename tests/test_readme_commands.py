@@ -153,6 +153,23 @@ def rewrite(command: str, repo: Path) -> list[str]:
         return env_prefix + argv[:split] + small(argv[split:], command)
     if argv[0] == "jupyter":
         return env_prefix + [sys.executable, "-m", "jupyter", *argv[1:]]
+    if argv[:2] == ["make", "bench"]:  # the recipe's script, at sizes for a check
+        return env_prefix + [
+            sys.executable,
+            "scripts/bench.py",
+            "--quick",
+            "--out",
+            "outputs/bench.md",
+        ]
+    if argv[:2] == [
+        "make",
+        "gpu-check",
+    ]:  # no GPU here: the one-line answer (test_bench.py: the rest)
+        return env_prefix + [sys.executable, "scripts/gpu_check.py"]
+    if argv[:2] == ["python", "scripts/bench.py"]:
+        return env_prefix + [sys.executable, *argv[1:], "--quick"]
+    if argv[:2] == ["python", "scripts/gpu_check.py"]:
+        return env_prefix + [sys.executable, *argv[1:]]
     assert argv[0] == "python", f"a README command that no rule knows: {command}"
     script, args = argv[1], argv[2:]
     python = [sys.executable, script]
