@@ -39,7 +39,13 @@ from importance_sampling.config.sweeps import split_overrides
 from importance_sampling.engine.machine import STARVED_BELOW, MachineShare
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_PRESETS = ["fashion_mnist_mlp", "fashion_mnist_cnn", "cifar10_wrn", "pixel_mnist_lstm"]
+STEP_PRESETS = [
+    "fashion_mnist_mlp",
+    "fashion_mnist_cnn",
+    "cifar10_wrn",
+    "finetune_resnet",
+    "pixel_mnist_lstm",
+]
 NORM_MODELS = ["mlp", "cnn", "wrn-10-1", "lstm-32"]  # scripts/benchmark_scores.py's CPU models
 LIBRARY_MODELS = ["mlp", "cnn"]  # what BackPACK and Opacus both support among them
 
@@ -228,7 +234,7 @@ def loading_section(threads: int, quick: bool) -> list[str]:
         threads=threads,
         workers=1,
         steps=5 if quick else 50,
-        blocks=1 if quick else 10,
+        blocks=1 if quick else 20,
     )
     return ["## Loading", "", *scale.loading(args)]
 
