@@ -25,3 +25,29 @@ def test_every_part_of_the_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     assert "FAILED" not in report and "4/4 parts done" in capsys.readouterr().out
     assert "| upper_bound | 20 | n/a | n/a (CPU) |" in report
     assert "status completed" in report
+
+
+def test_the_benchmark_pages_tables_are_the_committed_reports():
+    """docs/benchmarks.md quotes results/bench_cpu.md (make bench) row for row: every table
+    row of its first four sections is in the report."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "benchmarks.md").read_text()
+    report = (root / "results" / "bench_cpu.md").read_text().splitlines()
+    sections = page.split("\n## ")[1:5]
+    assert [s.splitlines()[0] for s in sections] == [
+        "The step",
+        "The exact gradient norm",
+        "Loading",
+        "Two ranks against one",
+    ]
+    rows = [
+        line
+        for section in sections
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("|---")
+    ]
+    assert len(rows) >= 15
+    missing = [row for row in rows if row not in report]
+    assert not missing
