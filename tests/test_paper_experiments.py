@@ -300,3 +300,38 @@ def test_benchmark_script_prints_the_three_timings(tmp_path):
     )
     assert proc.returncode in (0, 1), proc.stderr
     assert "| pixel_mnist_lstm | synthetic_pixel_mnist | 32 | 96 |" in out.read_text()
+
+
+def test_mnist_family_augmentation_is_off_by_default_and_crops_on_request(data_dir):
+    assert mnist(data_dir).augment is None
+    crop = mnist(data_dir, augment=True).augment
+    assert isinstance(crop, RandomCropFlip) and (crop.padding, crop.flip) == (3, False)
+
+
+def test_the_long_regime_preset_trains_augmented_with_the_step_schedule(compose, tmp_path):
+    """experiment=fashion_mnist_cnn_long at scale=cpu (Debian's Fashion-MNIST files): the
+    augmentation is on (crop and flip), the schedule is cifar10_wrn's step schedule, and the run
+    records the measured costs that the auto threshold compares tau with."""
+    from importance_sampling.config import builder
+    from importance_sampling.engine.data import DEBIAN_FASHION_MNIST
+
+    if not Path(DEBIAN_FASHION_MNIST).is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (make data)")
+    cfg = compose(
+        "experiment=fashion_mnist_cnn_long",
+        "scale=cpu",
+        "sampler=upper_bound_auto",
+        "trainer.time_budget=null",
+        "trainer.max_steps=10",
+        "trainer.eval_every_steps=5",
+        "trainer.eval_every_seconds=null",
+        "trainer.progress=false",
+        "threads=1",
+    )
+    assert cfg.dataset.augment and cfg.trainer.lr_schedule == "step"
+    assert (list(cfg.trainer.lr_milestones), cfg.trainer.lr_gamma) == ([0.5, 0.8], 0.2)
+    data = builder.build_dataset(cfg.dataset)
+    assert (data.augment.padding, data.augment.flip) == (3, True)
+    summary = builder.run(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["step"] == 10
+    assert summary["cost_step_ms"] > 0 and summary["tau_threshold"] > 1

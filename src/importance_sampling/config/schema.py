@@ -120,7 +120,12 @@ class TorchvisionConf(DatasetConf):
 
 
 @dataclass
-class FashionMNISTConf(TorchvisionConf):
+class MNISTConf(TorchvisionConf):
+    augment: bool = M
+
+
+@dataclass
+class FashionMNISTConf(MNISTConf):
     debian_dir: str = M
 
 
@@ -283,6 +288,7 @@ SCHEMAS: dict[str, dict[str, type]] = {  # group -> {schema name: dataclass}
         "digits": DigitsConf,
         "fashion_mnist": FashionMNISTConf,
         "torchvision": TorchvisionConf,
+        "mnist": MNISTConf,
         "cifar": CIFARConf,
         "pixel_mnist": PixelMNISTConf,
         "image_folder": ImageFolderConf,

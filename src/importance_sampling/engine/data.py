@@ -249,11 +249,14 @@ def fashion_mnist(
     debian_dir: str | Path = DEBIAN_FASHION_MNIST,
     train_size: int | None = None,
     test_size: int | None = None,
+    augment: bool = False,
 ) -> TensorDataset:
     """Fashion-MNIST (60k/10k 28x28 grey images, 10 classes) through torchvision's FashionMNIST.
 
     Looks in ``data_dir/FashionMNIST/raw``; if the files are not there, copies them from Debian's
     ``dataset-fashion-mnist`` package when it is installed, else downloads them when ``download``.
+    ``augment``: a random crop of the image padded by 3 pixels and a horizontal flip, on the
+    device, batch by batch (the CIFAR augmentation at this size; clothes are mirror-symmetric).
     """
     from torchvision.datasets import FashionMNIST
 
@@ -265,7 +268,9 @@ def fashion_mnist(
                 f"  apt-get install dataset-fashion-mnist   (Debian/Ubuntu, offline; files in {debian_dir})\n"
                 f"  python train.py dataset=fashion_mnist dataset.download=true   (needs internet)"
             )
-    return _idx_images(FashionMNIST, "fashion_mnist", raw, download, train_size, test_size)
+    data = _idx_images(FashionMNIST, "fashion_mnist", raw, download, train_size, test_size)
+    data.augment = RandomCropFlip(28 // 8) if augment else None
+    return data
 
 
 def _idx_images(
@@ -395,15 +400,20 @@ def mnist(
     download: bool = False,
     train_size: int | None = None,
     test_size: int | None = None,
+    augment: bool = False,
 ) -> TensorDataset:
-    """MNIST (60k/10k 28x28 digits) through torchvision's MNIST, from ``data_dir/MNIST/raw``."""
+    """MNIST (60k/10k 28x28 digits) through torchvision's MNIST, from ``data_dir/MNIST/raw``.
+    ``augment``: a random crop of the image padded by 3 pixels, on the device, batch by batch
+    (no flip: a mirrored digit is another shape)."""
     from torchvision.datasets import MNIST
 
     raw = Path(data_dir).expanduser() / "MNIST" / "raw"
     if not download and not all((raw / n).is_file() for n in IDX_FILES):
         raise _missing("MNIST", raw, "mnist")
     again = "download again (dataset.download=true)"
-    return _idx_images(MNIST, "mnist", raw, download, train_size, test_size, again)
+    data = _idx_images(MNIST, "mnist", raw, download, train_size, test_size, again)
+    data.augment = RandomCropFlip(28 // 8, flip=False) if augment else None
+    return data
 
 
 def pixel_mnist(
