@@ -459,3 +459,46 @@ def test_curves_stop_where_the_shortest_seed_ends_so_the_median_never_jumps():
     last = table.iloc[-1]
     assert last["median"] == pytest.approx(0.0003)  # the median of the three, not seed 1 alone
     assert table["median"].iloc[-5:].max() < 0.01
+
+
+def test_the_cost_of_each_kind_of_step_and_the_switch_figure():
+    """Step costs from the row intervals of only one kind of step; the cost ratio over the
+    uniform sampler's step; the figure draws tau against it."""
+    rows = []
+    for seed in (0, 1):
+        for i in range(6):  # uniform: 10 steps a second
+            rows.append(
+                {
+                    "run": f"u{seed}",
+                    "sampler": "uniform",
+                    "seed": seed,
+                    "step": 10 * i,
+                    "train_time": float(i),
+                    "tau": float("nan"),
+                    "is_fraction": 0.0,
+                }
+            )
+        for i in range(6):  # 2 uniform rows (10 steps/s), then importance steps at 4 a second
+            t, step, share = (float(i), 10 * i, 0.0) if i < 3 else (float(i), 20 + 4 * (i - 2), 1.0)
+            rows.append(
+                {
+                    "run": f"ub{seed}",
+                    "sampler": "upper_bound",
+                    "seed": seed,
+                    "step": step,
+                    "train_time": t,
+                    "tau": 1.0 + i,
+                    "is_fraction": share if i else 0.0,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    costs = analysis.switch.step_costs(runs).set_index("run")
+    assert costs.loc["u0", "uniform_ms"] == pytest.approx(100.0)
+    assert math.isnan(costs.loc["u0", "importance_ms"])
+    assert costs.loc["ub1", "importance_ms"] == pytest.approx(250.0)
+    ratio = analysis.switch.cost_ratio(runs)
+    assert ratio["cost_ratio"].tolist() == pytest.approx([2.5])
+    assert "| upper_bound | 250.0 | 100.0 | 2.50 |" in analysis.switch.cost_markdown(runs)
+    fig = analysis.switch.plot_switch(runs)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("measured cost ratio 2.50" in label for label in labels)

@@ -6,6 +6,7 @@ compare.py   time to loss or accuracy, speedups with intervals, values at equal 
 figures.py   training loss and test error against train_time; time-to-loss bars
 tables.py    markdown tables, and a comparison's report files (aggregate.py, time_to_loss.py)
 tuning.py    the tuned comparison: selection on a validation split, report
+switch.py    the tau switch over training against the measured cost of a step
 variance.py  variance.csv -> the paper's orderings, summary, figure
 styles.py    one colour, line style and marker per sampler
 
@@ -14,6 +15,7 @@ styles.py    one colour, line style and marker per sampler
 
 from __future__ import annotations
 
+from . import switch  # noqa: F401
 from .compare import (  # noqa: F401
     accuracy_to_error,
     at_time,

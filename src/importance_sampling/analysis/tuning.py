@@ -49,6 +49,7 @@ from .runs import (
 )
 from .runs import title as runs_title
 from .styles import sampler_style
+from .switch import cost_markdown, plot_switch
 from .tables import fmt, markdown_table, time_to_loss_markdown
 
 SELECT_BY = {  # criterion -> the columns of selection_table compared, in order (ties: the next)
@@ -375,6 +376,16 @@ def report(
         time_to_loss_markdown(loss, baseline),
         "",
     ]
+    if costs := cost_markdown(runs, baseline):
+        text += [
+            "## The switch: tau against the cost of a step\n",
+            "Median ms of a step over the intervals between metrics rows whose steps were all "
+            f"importance steps (the sampler's runs) or all uniform ({baseline}'s runs), median "
+            "over seeds: the cost ratio is what an importance step has to repay in variance "
+            "(switch.png: tau over training against it).\n",
+            costs,
+            "",
+        ]
     if warning:
         text.append(f"Warning: {warning}.\n")
     for phase, frame in (("final", runs), ("selection", selection)):
@@ -532,6 +543,7 @@ FILES = {
     "protocol": "protocol.json",
     "table": "table.md",
     "figure": "figure.png",
+    "switch": "switch.png",  # tau and the share of importance steps over training (switch.py)
 }
 
 
@@ -562,6 +574,9 @@ def save(
     paths["table"].write_text(f"# {title}\n\n{rep.markdown}")
     fig = figure(runs, selection, rep.accuracy, title)
     fig.savefig(paths["figure"], dpi=100)
+    plt.close(fig)
+    fig = plot_switch(runs, baseline, f"The switch: {runs_title(runs)}")
+    fig.savefig(paths["switch"], dpi=100)
     plt.close(fig)
     return paths
 
