@@ -245,6 +245,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
         "trainer.eval_every_seconds=0.25",
         "--jobs",
         "2",
+        "--allow-starved",  # two runs at a time beside the rest of the suite: starved, known
         "--protocol-dir",
         str(protocol),
         "--out",
@@ -298,7 +299,10 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert accuracy[accuracy["sampler"] == "uniform"]["reached"].eq(2).all()
     script = load_script("tuned_comparison")
     assert (
-        script.main(["digits_mlp", "--report-only", str(out), "--out", str(tmp_path / "again")])
+        script.main(
+            ["digits_mlp", "--report-only", str(out), "--out", str(tmp_path / "again")]
+            + ["--allow-starved"]
+        )
         == 0
     )
     assert (tmp_path / "again" / "table.md").read_text() == table
@@ -314,6 +318,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
         str(out),
         "--seeds",
         "2",
+        "--allow-starved",
         "--protocol-dir",
         str(tmp_path / "more"),
         "--out",
@@ -324,6 +329,7 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     runs, chosen_again, saved = tuning.load_saved(extended)
     assert set(runs["seed"]) == {0, 1, 2} and runs["run"].nunique() == 6
     assert saved["seeds"] == [0, 1, 2] and saved["final_only"]["seeds_run"] == [2]
+    assert "run again (seeds 2; seeds 0, 1 kept from before)" in (extended / "table.md").read_text()
 
     def picked(table):
         return table[table["chosen"]][["sampler", "lr", "lr_schedule"]].values.tolist()
@@ -333,6 +339,12 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert set(new["lr"]) == {0.05} and set(new["eval_split"]) == {"test"}
 
     # a final run that flagged itself starved: the protocol refuses to compare, unless told to
+    # (every run first marked as having had the machine, as on an idle one)
+    for summary_file in protocol.glob("*/*/summary.json"):
+        idle = {**json.loads(summary_file.read_text()), "machine_share": 1.0, "starved": False}
+        summary_file.write_text(json.dumps(idle))
+    again = ["digits_mlp", "--report-only", str(protocol), "--out", str(tmp_path / "idle")]
+    assert script.main(again) == 0
     flagged = sorted((protocol / "final").iterdir())[0]
     summary = json.loads((flagged / "summary.json").read_text())
     (flagged / "summary.json").write_text(

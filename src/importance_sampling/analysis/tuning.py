@@ -434,6 +434,15 @@ def protocol_markdown(protocol: dict, selection: pd.DataFrame, seeds: int, at: f
         )
     if p.get("command"):
         lines += ["", f"Command: `{p['command']}`"]
+    again = p.get("final_only")
+    if again:
+        kept = again.get("seeds_kept") or []
+        lines += [
+            "",
+            f"The final stage was run again (seeds {', '.join(map(str, again['seeds_run']))}"
+            + (f"; seeds {', '.join(map(str, kept))} kept from before" if kept else "")
+            + f") from the selection above: `{again['command']}`",
+        ]
     return "\n".join(lines) + "\n"
 
 
