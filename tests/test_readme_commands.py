@@ -51,6 +51,10 @@ SKIP = [  # (pattern, reason)
         "the official InfoBatch code, from GitHub (outside the repo)",
     ),
     (
+        r"scripts/bench\.py .*--threads",
+        "the make bench report at another thread count: `make bench` runs the same code",
+    ),
+    (
         r"tuned_comparison\.py fashion_mnist_(mlp|cnn)(?!.*--report-only)",
         "the whole protocol takes hours; the tiny digits command runs the same code",
     ),
