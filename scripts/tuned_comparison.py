@@ -35,6 +35,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -421,11 +422,11 @@ def final_only(args, argv: list[str], extra: list[str]) -> int:
     rerun = set(zip(new_runs["sampler"], new_runs["seed"], strict=True))
     kept = old_runs[
         [
-            (sa, se) not in rerun
+            sa in samplers and (sa, se) not in rerun
             for sa, se in zip(old_runs["sampler"], old_runs["seed"], strict=True)
         ]
     ]
-    runs = pd.concat([kept[kept["sampler"].isin(samplers)], new_runs], ignore_index=True)
+    runs = pd.concat([kept, new_runs], ignore_index=True)
     seeds = sorted(set(int(s) for s in runs["seed"]))
     protocol = {
         **protocol,
@@ -456,6 +457,10 @@ def write_report(args, folder: Path, protocol: dict | None) -> int:
     from importance_sampling.analysis import tuning
 
     try:
+        if (folder / "selection").is_dir() and (folder / "protocol.json").is_file():
+            saved = json.loads((folder / "protocol.json").read_text())
+            if not protocol_finished(folder, saved):
+                return write_partial(args, folder, saved)
         if (folder / "selection").is_dir() and (folder / "final").is_dir():
             selection = tuning.choose(
                 tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
@@ -486,6 +491,47 @@ def write_report(args, folder: Path, protocol: dict | None) -> int:
         f"{runs['run'].nunique()} final runs, {len(selection)} selection runs -> "
         + ", ".join(str(p) for p in paths.values())
     )
+    return 0
+
+
+def protocol_finished(folder: Path, protocol: dict) -> bool:
+    """Every planned selection and final run of a protocol folder has ended (summary.json)."""
+    from importance_sampling.analysis import tuning
+
+    plan_selection, plan_final = tuning.planned_runs(protocol)
+    ended = [len(list((folder / p).glob("*/summary.json"))) for p in ("selection", "final")]
+    return ended[0] >= plan_selection and ended[1] >= plan_final
+
+
+def write_partial(args, folder: Path, protocol: dict) -> int:
+    """The report of an unfinished protocol, labelled PARTIAL (tuning.save_partial): the runs
+    done so far, nothing chosen or compared."""
+    from importance_sampling.analysis import tuning
+
+    def ended(phase: str):
+        dirs = [d for d in sorted((folder / phase).glob("*")) if (d / "summary.json").is_file()]
+        if not dirs:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:  # collect reads a folder of runs
+            for d in dirs:
+                shutil.copytree(d, Path(tmp) / d.name, ignore=shutil.ignore_patterns("*.pt"))
+            return tuning.collect(tmp)
+
+    runs = ended("selection")
+    selection = tuning.selection_table(runs) if runs is not None else pd.DataFrame()
+    final = ended("final") if (folder / "final").is_dir() else None
+    starved = [*tuning.starved_runs(selection)["run"]] if len(selection) else []
+    if starved and not args.allow_starved:
+        print(
+            f"error: {len(starved)} run(s) flagged themselves starved: {', '.join(starved)}. "
+            "Delete them and go on with --protocol-dir on an otherwise idle machine",
+            file=sys.stderr,
+        )
+        return 1
+    out = args.out or ROOT / "outputs" / "tuned" / folder.resolve().name
+    paths = tuning.save_partial(selection, final, out, protocol)
+    print(paths["table"].read_text())
+    print("PARTIAL report -> " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

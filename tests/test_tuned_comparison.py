@@ -5,6 +5,7 @@ protocol of scripts/tuned_comparison.py on digits."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -337,6 +338,20 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     assert picked(chosen_again) == picked(chosen)  # the choice is the saved one
     new = runs[runs["seed"] == 2]
     assert set(new["lr"]) == {0.05} and set(new["eval_split"]) == {"test"}
+
+    # an unfinished protocol (a selection run and the final stage still to do): a PARTIAL report
+    # of the runs done, nothing chosen
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(protocol, unfinished, symlinks=True)
+    shutil.rmtree(unfinished / "final")
+    (sorted((unfinished / "selection").iterdir())[0] / "summary.json").unlink()  # still running
+    partial = ["digits_mlp", "--report-only", str(unfinished), "--out", str(tmp_path / "partial")]
+    assert script.main([*partial, "--allow-starved"]) == 0
+    text = (tmp_path / "partial" / "table.md").read_text()
+    assert "**PARTIAL**: 7 of 8 selection runs and 0 of 4 final runs done" in text
+    assert "**" not in text.split("done;")[1]  # no setting chosen in bold
+    assert not (tmp_path / "partial" / "runs.csv").exists()
+    assert len(pd.read_csv(tmp_path / "partial" / "selection.csv")) == 7
 
     # a final run that flagged itself starved: the protocol refuses to compare, unless told to
     # (every run first marked as having had the machine, as on an idle one)

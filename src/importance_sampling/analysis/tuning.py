@@ -600,3 +600,92 @@ def load_saved(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     protocol = json.loads(protocol_path.read_text()) if protocol_path.is_file() else {}
     selection = pd.read_csv(folder / FILES["selection"])
     return with_run_columns(pd.read_csv(folder / FILES["runs"])), selection, protocol
+
+
+# ---------------------------------------------------------------- an unfinished protocol
+def planned_runs(protocol: dict) -> tuple[int, int]:
+    """(selection, final) run counts that a protocol.json plans."""
+    n = len(protocol["samplers"])
+    return n * len(protocol["lrs"]) * len(protocol["schedules"]), n * len(protocol["seeds"])
+
+
+def partial_markdown(protocol: dict, selection: pd.DataFrame, final: pd.DataFrame | None) -> str:
+    """The report of a protocol that has not finished: labelled PARTIAL, what is done of what
+    is planned, the selection runs so far (nothing is chosen until every one has run) and the
+    final runs so far, each with the share of the machine it got."""
+    plan_selection, plan_final = planned_runs(protocol)
+    done = int((selection["status"] == "completed").sum()) if len(selection) else 0
+    final_rows = [] if final is None or final.empty else list(final.groupby("run", sort=False))
+    final_done = sum(rows["status"].iloc[-1] == "completed" for _, rows in final_rows)
+    lines = [
+        f"**PARTIAL**: {done} of {plan_selection} selection runs and {final_done} of "
+        f"{plan_final} final runs done; nothing is chosen or compared until every selection run "
+        "has completed. Numbers here are single runs, not a result.",
+        "",
+        f"Command: `{protocol.get('command', '')}` (run again with `--protocol-dir` on the "
+        "folder of these runs to go on).",
+        "",
+    ]
+    if len(selection):
+        lines += [
+            "Validation error (%) at the end of each selection run so far:\n",
+            selection_markdown(selection),
+            "",
+            markdown_table(
+                [
+                    "run",
+                    "status",
+                    "train_time (s)",
+                    "validation error (%)",
+                    "validation loss",
+                    "training loss",
+                    "machine share",
+                ],
+                [
+                    [
+                        r.run,
+                        r.status + (" (STARVED)" if r.starved else ""),
+                        f"{r.train_time:.0f}",
+                        f"{100 * r.val_error:.2f}",
+                        f"{r.val_loss:.4f}",
+                        f"{r.train_loss:.4f}",
+                        f"{r.run_machine_share:.3f}",
+                    ]
+                    for r in selection.itertuples()
+                ],
+            ),
+        ]
+    if final_rows:
+        lines += ["", "Final runs so far (test set, at their last row):", ""]
+        rows = []
+        for run, frame in final_rows:
+            last = frame.sort_values("train_time", kind="stable").iloc[-1]
+            rows.append(
+                [
+                    run,
+                    last["status"],
+                    f"{last['train_time']:.0f}",
+                    f"{100 * last['test_error']:.2f}",
+                    f"{last['train_loss']:.4f}",
+                ]
+            )
+        lines.append(
+            markdown_table(
+                ["run", "status", "train_time (s)", "test error (%)", "training loss"], rows
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_partial(
+    selection: pd.DataFrame, final: pd.DataFrame | None, out_dir: str | Path, protocol: dict
+) -> dict[str, Path]:
+    """table.md (``partial_markdown``), selection.csv, protocol.json of an unfinished protocol."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / FILES[k] for k in ("table", "selection", "protocol")}
+    selection.to_csv(paths["selection"], index=False)
+    paths["protocol"].write_text(json.dumps({**protocol, "partial": True}, indent=1) + "\n")
+    title = f"Tuned comparison, PARTIAL: preset {protocol.get('experiment', '?')}"
+    paths["table"].write_text(f"# {title}\n\n{partial_markdown(protocol, selection, final)}")
+    return paths
