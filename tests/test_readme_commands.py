@@ -252,7 +252,9 @@ class CommandsOfADocument:
         env = {
             **os.environ,
             "WANDB_MODE": "disabled",
-            "IS_DATA_DIR": str(ROOT / "data"),  # the Fashion-MNIST copy, shared
+            # the copy's own data folder, as in a clone: Fashion-MNIST is copied there from
+            # Debian's files on first use, and the PNG tree a command writes is read from it
+            "IS_DATA_DIR": str(repo / "data"),
             "PYTHONPATH": str(repo / "src"),
         }
         ran, failed, took = 0, [], []

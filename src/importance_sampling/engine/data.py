@@ -236,10 +236,12 @@ def _install_debian_files(debian_dir: Path, raw: Path) -> bool:
         return False
     raw.mkdir(parents=True, exist_ok=True)
     for src, name in zip(sources, IDX_FILES, strict=True):
-        tmp = raw / f".{name}.tmp"
+        # a file of this process's own (two runs may fill one data folder at once), renamed
+        # atomically: an interrupted copy never looks like a complete file
+        tmp = raw / f".{name}.{os.getpid()}.tmp"
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
-        tmp.replace(raw / name)  # atomic: an interrupted copy never looks like a complete file
+        tmp.replace(raw / name)
     return True
 
 
