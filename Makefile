@@ -42,13 +42,14 @@ train: setup
 
 # pytest-xdist: one worker per core and one more (many tests wait on a SLURM queue, a pip
 # install or a child process); a module's (or class's) tests stay on one worker, so that its
-# fixtures, e.g. one SLURM cluster or one sweep, are made once.
+# fixtures, e.g. one SLURM cluster or one sweep, are made once; the longest start first (the order
+# of tests/conftest.py's FIRST, which --no-loadscope-reorder keeps).
 WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup data slurm
-	$(PY) -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
 
 test-fast: setup data
-	$(PY) -m pytest -n $(WORKERS) --dist loadscope -m "not slow" $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope --no-loadscope-reorder -m "not slow" $(ARGS)
 
 # Executes the notebooks as they are committed (SWEEP_DIR / RUN_DIR from the environment, relative
 # to this directory; defaults: the newest sweep under multirun/ and the reference results) into

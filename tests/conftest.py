@@ -52,22 +52,38 @@ def documented_shell_lines() -> list[str]:
     return lines
 
 
-# The longest modules first: pytest-xdist (make test) hands out modules in this order, so the
-# long ones start at once instead of leaving one worker alone at the end.
+# The longest scopes first (a module, or a class of test_readme_commands.py: the units that
+# pytest-xdist's --dist loadscope hands out; make test passes --no-loadscope-reorder so that this
+# order is kept): the long ones start at once instead of leaving one worker alone at the end.
+# Ordered by their measured duration (make test ARGS=--durations=0, summed per scope).
 FIRST = [
-    "test_readme_commands.py",
-    "test_slurm.py",
-    "test_tuned_comparison.py",
-    "test_install.py",
-    "test_distributed.py",
     "test_reliability.py",
+    "test_slurm.py",
     "test_sweeps.py",
+    "test_train.py",
+    "test_readme_commands.py::TestCommandsOf_usage",
+    "test_paper_experiments.py",
+    "test_readme_commands.py::TestCommandsOf_experiments",
+    "test_readme_commands.py::TestCommandsOf_README",
+    "test_tuned_comparison.py",
+    "test_distributed.py",
+    "test_readme_commands.py::TestCommandsOf_benchmarks",
+    "test_readme_commands.py::TestCommandsOf_scale_out",
+    "test_bench.py",
+    "test_streaming.py",
+    "test_install.py",
+    "test_variance.py",
+    "test_machine.py",
 ]
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.path.name
-        return FIRST.index(name) if name in FIRST else len(FIRST)
+        cls = getattr(item, "cls", None)
+        for scope in ([f"{name}::{cls.__name__}"] if cls else []) + [name]:
+            if scope in FIRST:
+                return FIRST.index(scope)
+        return len(FIRST)
 
-    items[:] = sorted(items, key=rank)  # stable: the order within a module is kept
+    items[:] = sorted(items, key=rank)  # stable: the order within a scope is kept

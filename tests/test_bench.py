@@ -23,7 +23,7 @@ def test_every_part_of_the_gpu_check_runs_on_the_cpu(tmp_path, capsys):
     for title in load_script("gpu_check").PARTS:
         assert f"## {title}" in report
     assert "FAILED" not in report and "4/4 parts done" in capsys.readouterr().out
-    assert "| upper_bound | 20 | n/a | n/a (CPU) |" in report
+    assert "| upper_bound | 5 | n/a | n/a (CPU) |" in report
     assert "status completed" in report
 
 

@@ -85,3 +85,17 @@ def test_the_readme_is_a_front_door():
     first_screen = "\n".join(lines[:60])
     for needed in ("make train", "source .venv/bin/activate", "make test", "sampler=", "dataset="):
         assert needed in first_screen
+
+
+def test_the_suites_longest_first_order_names_real_scopes():
+    """conftest.FIRST (the order in which make test starts the longest scopes) names modules
+    and classes that exist: a renamed one would silently fall to the end of the queue."""
+    import importlib
+
+    from conftest import FIRST
+
+    for scope in FIRST:
+        module, _, cls = scope.partition("::")
+        assert (ROOT / "tests" / module).is_file(), scope
+        if cls:
+            assert hasattr(importlib.import_module(module.removesuffix(".py")), cls), scope
