@@ -116,3 +116,18 @@ def test_the_digits_split_is_scikit_learns_stratified_split(test_fraction, seed)
     )
     for mine, theirs in zip(stratified_split(labels, test_fraction, seed), expected, strict=True):
         assert np.array_equal(mine, theirs)
+
+
+def test_uint8_images_are_standardised_as_their_float_values_would_be():
+    """The histogram path for idx images gives what the float path gives (to float32 rounding)."""
+    from importance_sampling.engine.data import _standardise, _standardise_bytes
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (500, 1, 28, 28), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 120, (100, 1, 28, 28), generator=g, dtype=torch.uint8)
+    fast = _standardise_bytes(train, test)
+    slow = _standardise(train.float() / 255.0, test.float() / 255.0)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert abs(fast[0].mean().item()) < 1e-5 and abs(fast[0].std().item() - 1) < 1e-5

@@ -88,9 +88,23 @@ def test_a_layer_uses_only_its_own_third_party_packages(layer):
     assert not wrong
 
 
-def test_the_package_itself_is_the_core():
-    init = PACKAGE / "__init__.py"
-    assert {n.split(".")[1] for n in imports_of(init) if n.count(".")} == {"core"}
+def test_the_package_itself_is_the_core_loaded_on_first_use():
+    """``import importance_sampling`` names the core's public objects and imports them when one
+    is used: the analysis layer (pandas, matplotlib) loads without torch."""
+    import subprocess
+
+    import importance_sampling
+
+    for name in importance_sampling.__all__:
+        assert getattr(importance_sampling, name).__module__.startswith("importance_sampling.core")
+    check = (
+        "import sys, importance_sampling, importance_sampling.analysis\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from importance_sampling import ImportanceSampler\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------- one option, one default

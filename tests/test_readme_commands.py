@@ -22,13 +22,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}"
-# half a second of training, three metrics rows on 500 training points (and 500 test images where
+# half a second of training, three metrics rows on 200 training points (and 200 test images where
 # the dataset has the option): what a command needs to show it works, not what it would measure
 TRAIN_BUDGET = [
     "trainer.time_budget=0.5",
     "trainer.eval_every_seconds=0.25",
     "trainer.progress=false",
-    "trainer.train_eval_size=500",
+    "trainer.train_eval_size=200",
 ]
 HAS_TEST_SIZE = r"fashion_mnist|pixel_mnist"  # datasets whose config has dataset.test_size
 
@@ -136,9 +136,9 @@ def small(args: list[str], command: str = "") -> list[str]:
             continue
         out.append(a)
     if re.search(HAS_TEST_SIZE, command) and "dataset=image_folder" not in command:
-        out.append("dataset.test_size=500")
+        out.append("dataset.test_size=200")
     if "trainer.time_budget=null" in out:
-        return [*out, "trainer.progress=false", "trainer.train_eval_size=500"]
+        return [*out, "trainer.progress=false", "trainer.train_eval_size=200"]
     return [*out, *TRAIN_BUDGET]
 
 

@@ -139,6 +139,19 @@ def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
     return (train_x - mean) / std, (test_x - mean) / std
 
 
+def _standardise_bytes(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """``_standardise`` of uint8 images scaled to [0, 1]: the mean and std from the histogram
+    of the 256 values (float64, exact), then one scaled conversion per split (a third of the
+    passes over the data: it matters for a 60k-image dataset loaded by every run of a sweep)."""
+    counts = torch.bincount(train.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    n = counts.sum()
+    mean = (counts * values).sum() / n
+    std = ((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt()
+    scale, shift = float(1.0 / (255.0 * std)), float(mean / std)
+    return train.float().mul_(scale).sub_(shift), test.float().mul_(scale).sub_(shift)
+
+
 def _limit(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
     return (x, y) if n is None else (x[:n], y[:n])
 
@@ -295,9 +308,7 @@ def _idx_images(
             f"could not read {name} from {raw} ({type(e).__name__}: {e}). The files may be "
             f"truncated or corrupt: delete {raw} and {again}."
         ) from e
-    train_x, test_x = _standardise(
-        train.data.float().unsqueeze(1) / 255.0, test.data.float().unsqueeze(1) / 255.0
-    )
+    train_x, test_x = _standardise_bytes(train.data.unsqueeze(1), test.data.unsqueeze(1))
     return _make(
         name,
         (train_x, train.targets.long()),
