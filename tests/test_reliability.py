@@ -373,10 +373,10 @@ COMMON = [
     "sampler.tau_threshold=1.2",
     "threads=1",
     "trainer.time_budget=null",
-    "trainer.max_steps=3000",
-    "trainer.eval_every_steps=250",
+    "trainer.max_steps=1500",
+    "trainer.eval_every_steps=125",
     "trainer.eval_every_seconds=null",
-    "trainer.checkpoint_every=500",
+    "trainer.checkpoint_every=250",
     "trainer.checkpoint_unit=steps",
     "trainer.progress=false",
 ]
@@ -441,7 +441,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(reference, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(reference)
-    assert json.loads((killed / "summary.json").read_text())["step"] == 3000
+    assert json.loads((killed / "summary.json").read_text())["step"] == 1500
 
 
 @pytest.mark.slow
@@ -466,7 +466,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_to_the_same_metrics(
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["error"].endswith(f"after step {step}")
     assert metrics(stopped)[: len(rows_before)] == rows_before  # nothing lost
-    assert int(metrics(stopped)[-1]["step"]) <= step < 3000
+    assert int(metrics(stopped)[-1]["step"]) <= step < 1500
 
     resumed = subprocess.run(
         cli(stopped, "trainer.resume=true"), env=env, capture_output=True, text=True, timeout=600
