@@ -41,6 +41,10 @@ SKIP = [  # (pattern, reason)
     ),
     (r"apt-get install", "installs Debian packages (make test does it as root)"),
     (r"local_slurm\.sh|^sinfo\b|hydra/launcher=slurm", "tests/test_slurm.py runs SLURM for real"),
+    (
+        r"^python train\.py -m hydra/launcher=(joblib|submitit_local) ",
+        "tests/test_sweeps.py runs a multirun through each of these launchers",
+    ),
     (r"^jupyter lab\b", "interactive: opens a browser"),
     (r"^wandb |WANDB_MODE=online|logger\.mode=online", "needs a W&B account and the internet"),
     (r"device=cuda|--scale gpu|nproc_per_node=8|--nnodes", "needs GPUs or several nodes"),
