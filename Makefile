@@ -42,9 +42,8 @@ train: setup
 
 # pytest-xdist: one worker per core and one more (many tests wait on a SLURM queue, a pip
 # install or a child process; on 2 cores, two more was slower); a module's (or class's)
-# tests stay on one worker, so that its
-# fixtures, e.g. one SLURM cluster or one sweep, are made once; the longest start first (the order
-# of tests/conftest.py's FIRST, which --no-loadscope-reorder keeps).
+# tests stay on one worker, so that its fixtures, e.g. one SLURM cluster or one sweep, are made
+# once; the longest start first (tests/conftest.py's FIRST, kept by --no-loadscope-reorder).
 WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup data slurm
 	$(PY) -m pytest -n $(WORKERS) --dist loadscope --no-loadscope-reorder $(ARGS)
