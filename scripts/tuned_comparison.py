@@ -175,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final runs")
     parser.add_argument("--selection-seed", type=int, default=0)
     parser.add_argument(
+        "--widen-edges",
+        type=int,
+        default=0,
+        metavar="N",
+        help="up to N times: a sampler whose chosen lr is the smallest or largest of its grid gets "
+        "one more selection run a grid step beyond it, and chooses again (default 0)",
+    )
+    parser.add_argument(
         "--selection-budget",
         type=float,
         default=None,
@@ -283,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     selection_budget_override = (
         [f"trainer.time_budget={selection_budget}"] if args.selection_budget else []
     )
-    selection_jobs = [
-        (
+
+    def selection_job(s: tuning.Setting) -> tuple[Path, list[str]]:
+        return (
             folder / "selection" / f"{s.name}_seed{args.selection_seed}",
             s.overrides() + [f"seed={args.selection_seed}", *validation],
         )
-        for s in settings
-    ]
+
+    selection_jobs = [selection_job(s) for s in settings]
     n_final = len(args.samplers) * len(args.seeds)
     total = len(selection_jobs) + n_final
     protocol = {
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "validation_size": size,
         "validation_seed": args.validation_seed,
         "select_by": args.select_by,
+        "widen_edges": args.widen_edges,
         "seeds": args.seeds,
         "overrides": extra,
         "command": "python scripts/tuned_comparison.py " + shlex.join(argv),
@@ -341,6 +351,23 @@ def main(argv: list[str] | None = None) -> int:
         chosen = tuning.choose(
             tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
         )
+        for _ in range(args.widen_edges):  # a choice at the grid's edge: one step beyond it
+            wider = tuning.widened(chosen)
+            if not wider:
+                break
+            progress.total += len(wider)
+            progress.bar.write(
+                "at the edge of the grid, widened: "
+                + "; ".join(f"{s.sampler} lr {s.lr:g}" for s in wider)
+            )
+            commands = [
+                (d, run_command(args.experiment, o, d, extra + selection_budget_override))
+                for d, o in map(selection_job, wider)
+            ]
+            run_all(commands, folder / LOG, progress, args.jobs)
+            chosen = tuning.choose(
+                tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
+            )
         starved = list(tuning.starved_runs(chosen)["run"])
         if starved and not args.allow_starved:  # a choice made on a busy machine: redo first
             raise RuntimeError(

@@ -207,6 +207,30 @@ def test_each_sampler_keeps_its_best_completed_setting_on_validation():
     assert "| loss | constant | **9.00** † | 11.00 |  |" in text
 
 
+def test_a_choice_at_the_edge_of_its_grid_widens_it_one_step_beyond():
+    table = selection(
+        [
+            ("uniform", 0.05, "step", "completed", 0.071, 0.2),
+            ("uniform", 0.1, "step", "completed", 0.070, 0.2),  # interior: no widening
+            ("uniform", 0.2, "step", "completed", 0.088, 0.3),
+            ("upper_bound", 0.05, "step", "completed", 0.073, 0.2),  # the smallest: lr 0.025
+            ("upper_bound", 0.1, "step", "completed", 0.076, 0.2),
+            ("upper_bound", 0.2, "step", "completed", 0.090, 0.3),
+            ("loss", 0.01, "constant", "completed", 0.12, 0.4),
+            ("loss", 0.03, "constant", "completed", 0.10, 0.3),  # the largest: lr 0.09
+            ("loss", 0.09, "constant", "failed", 0.02, 0.0),  # ... unless it diverged there
+        ]
+    )
+    wider = tuning.widened(tuning.choose(table))
+    assert wider == [tuning.Setting("upper_bound", 0.025, "step")]
+    wider = tuning.widened(tuning.choose(table.iloc[:-1]))
+    assert set(wider) == {
+        tuning.Setting("upper_bound", 0.025, "step"),
+        tuning.Setting("loss", 0.09, "constant"),
+    }
+    assert tuning.widened(tuning.choose(table.iloc[3:4])) == []  # a grid of one lr: no edge
+
+
 def test_choosing_refuses_runs_on_the_test_set_and_samplers_without_a_usable_run():
     table = selection([("uniform", 0.05, "constant", "completed", 0.1, 0.3)])
     with pytest.raises(tuning.SelectionError, match="evaluated on the test split"):

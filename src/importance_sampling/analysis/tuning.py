@@ -192,6 +192,18 @@ def chosen_settings(table: pd.DataFrame) -> list[Setting]:
     ]
 
 
+def widened(table: pd.DataFrame) -> list[Setting]:
+    """One more learning rate for each sampler whose choice (``choose`` output) is at the edge of
+    its grid: a step of the grid's ratio beyond it (0.05 chosen of 0.05, 0.1, 0.2 -> 0.025)."""
+    out = []
+    for _, row in table[table["chosen"] & table["edge"]].iterrows():
+        lrs = sorted(set(table.loc[table["sampler"] == row["sampler"], "lr"]))
+        lr = float(row["lr"])
+        beyond = lr * lr / lrs[1] if lr == lrs[0] else lr * lr / lrs[-2]
+        out.append(Setting(row["sampler"], round(beyond, 10), str(row["lr_schedule"])))
+    return out
+
+
 # ---------------------------------------------------------------- the report
 @dataclass
 class Report:
@@ -614,6 +626,7 @@ def partial_markdown(protocol: dict, selection: pd.DataFrame, final: pd.DataFram
     is planned, the selection runs so far (nothing is chosen until every one has run) and the
     final runs so far, each with the share of the machine it got."""
     plan_selection, plan_final = planned_runs(protocol)
+    plan_selection = max(plan_selection, len(selection))  # with runs a widened grid added
     done = int((selection["status"] == "completed").sum()) if len(selection) else 0
     final_rows = [] if final is None or final.empty else list(final.groupby("run", sort=False))
     final_done = sum(rows["status"].iloc[-1] == "completed" for _, rows in final_rows)
