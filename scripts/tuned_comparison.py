@@ -556,7 +556,8 @@ def write_partial(args, folder: Path, protocol: dict) -> int:
         )
         return 1
     out = args.out or ROOT / "outputs" / "tuned" / folder.resolve().name
-    paths = tuning.save_partial(selection, final, out, protocol)
+    started = len(list((folder / "selection").glob("*/.hydra/config.yaml")))
+    paths = tuning.save_partial(selection, final, out, protocol, started)
     print(paths["table"].read_text())
     print("PARTIAL report -> " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -231,6 +231,53 @@ def test_a_choice_at_the_edge_of_its_grid_widens_it_one_step_beyond():
     assert tuning.widened(tuning.choose(table.iloc[3:4])) == []  # a grid of one lr: no edge
 
 
+def test_the_protocol_runs_a_widened_selection_before_its_final_stage(tmp_path, monkeypatch):
+    """--widen-edges N: the script's loop, with the runs replaced by a validation error that
+    favours upper_bound's smallest lr at every round and uniform's middle one."""
+    script = load_script("tuned_comparison")
+    batches: list[list[str]] = []  # the runs of each run_all call, as "phase sampler lr"
+
+    def setting(cmd: list[str], key: str) -> str:
+        return next(a.split("=", 1)[1] for a in cmd if a.startswith(key + "="))
+
+    def fake_run_all(jobs, log_path, progress, parallel):
+        batches.append(
+            [
+                f"{d.parent.name} {setting(c, 'sampler')} {setting(c, 'optimizer.lr')}"
+                for d, c in jobs
+            ]
+        )
+
+    def fake_selection(runs):
+        ran = [r.split() for batch in batches for r in batch if r.startswith("selection")]
+        return selection(
+            [
+                (s, float(lr), "constant", "completed", error, 0.3)
+                for _, s, lr in ran
+                for error in [float(lr) if s == "upper_bound" else abs(float(lr) - 0.02)]
+            ]
+        )
+
+    monkeypatch.setattr(script, "run_all", fake_run_all)
+    monkeypatch.setattr(script, "evaluation_seconds", lambda cfg: 0.0)
+    monkeypatch.setattr(script, "write_report", lambda args, folder, protocol: 0)
+    monkeypatch.setattr(tuning, "collect", lambda root: None)
+    monkeypatch.setattr(tuning, "selection_table", fake_selection)
+    argv = ["digits_mlp", "--samplers", "uniform", "upper_bound", "--lrs", "0.01", "0.02", "0.04"]
+    argv += ["--schedules", "constant", "--seeds", "0", "--protocol-dir", str(tmp_path / "p")]
+    assert script.main([*argv, "--widen-edges", "2"]) == 0
+    assert batches[1:] == [
+        ["selection upper_bound 0.005"],  # the edge, one step beyond, twice (N = 2)
+        ["selection upper_bound 0.0025"],
+        ["final uniform 0.02", "final upper_bound 0.0025"],
+    ]
+    assert len(batches[0]) == 6
+    assert json.loads((tmp_path / "p" / "protocol.json").read_text())["widen_edges"] == 2
+    batches.clear()
+    assert script.main(argv) == 0  # by default the grid stays as given
+    assert batches[1] == ["final uniform 0.02", "final upper_bound 0.01"]
+
+
 def test_choosing_refuses_runs_on_the_test_set_and_samplers_without_a_usable_run():
     table = selection([("uniform", 0.05, "constant", "completed", 0.1, 0.3)])
     with pytest.raises(tuning.SelectionError, match="evaluated on the test split"):

@@ -621,12 +621,15 @@ def planned_runs(protocol: dict) -> tuple[int, int]:
     return n * len(protocol["lrs"]) * len(protocol["schedules"]), n * len(protocol["seeds"])
 
 
-def partial_markdown(protocol: dict, selection: pd.DataFrame, final: pd.DataFrame | None) -> str:
+def partial_markdown(
+    protocol: dict, selection: pd.DataFrame, final: pd.DataFrame | None, started: int = 0
+) -> str:
     """The report of a protocol that has not finished: labelled PARTIAL, what is done of what
     is planned, the selection runs so far (nothing is chosen until every one has run) and the
-    final runs so far, each with the share of the machine it got."""
+    final runs so far, each with the share of the machine it got. ``started``: the selection
+    runs begun, more than planned where --widen-edges added some."""
     plan_selection, plan_final = planned_runs(protocol)
-    plan_selection = max(plan_selection, len(selection))  # with runs a widened grid added
+    plan_selection = max(plan_selection, started, len(selection))
     done = int((selection["status"] == "completed").sum()) if len(selection) else 0
     final_rows = [] if final is None or final.empty else list(final.groupby("run", sort=False))
     final_done = sum(rows["status"].iloc[-1] == "completed" for _, rows in final_rows)
@@ -691,7 +694,11 @@ def partial_markdown(protocol: dict, selection: pd.DataFrame, final: pd.DataFram
 
 
 def save_partial(
-    selection: pd.DataFrame, final: pd.DataFrame | None, out_dir: str | Path, protocol: dict
+    selection: pd.DataFrame,
+    final: pd.DataFrame | None,
+    out_dir: str | Path,
+    protocol: dict,
+    started: int = 0,
 ) -> dict[str, Path]:
     """table.md (``partial_markdown``), selection.csv, protocol.json of an unfinished protocol."""
     out = Path(out_dir)
@@ -700,5 +707,7 @@ def save_partial(
     selection.to_csv(paths["selection"], index=False)
     paths["protocol"].write_text(json.dumps({**protocol, "partial": True}, indent=1) + "\n")
     title = f"Tuned comparison, PARTIAL: preset {protocol.get('experiment', '?')}"
-    paths["table"].write_text(f"# {title}\n\n{partial_markdown(protocol, selection, final)}")
+    paths["table"].write_text(
+        f"# {title}\n\n{partial_markdown(protocol, selection, final, started)}"
+    )
     return paths
