@@ -149,6 +149,13 @@ def run_all(
                     )
 
 
+def choose_in(folder: Path, by: str):
+    """The selection runs of a protocol folder, each sampler's choice marked (tuning.choose)."""
+    from importance_sampling.analysis import tuning
+
+    return tuning.choose(tuning.selection_table(tuning.collect(folder / "selection")), by)
+
+
 def duration(seconds: float) -> str:
     hours, minutes = divmod(round(seconds / 60), 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
@@ -348,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             for d, o in selection_jobs
         ]
         run_all(commands, folder / LOG, progress, args.jobs)
-        chosen = tuning.choose(
-            tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
-        )
+        chosen = choose_in(folder, args.select_by)
         for _ in range(args.widen_edges):  # a choice at the grid's edge: one step beyond it
             wider = tuning.widened(chosen)
             if not wider:
@@ -365,9 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 for d, o in map(selection_job, wider)
             ]
             run_all(commands, folder / LOG, progress, args.jobs)
-            chosen = tuning.choose(
-                tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
-            )
+            chosen = choose_in(folder, args.select_by)
         starved = list(tuning.starved_runs(chosen)["run"])
         if starved and not args.allow_starved:  # a choice made on a busy machine: redo first
             raise RuntimeError(
@@ -489,9 +492,7 @@ def write_report(args, folder: Path, protocol: dict | None) -> int:
             if not protocol_finished(folder, saved):
                 return write_partial(args, folder, saved)
         if (folder / "selection").is_dir() and (folder / "final").is_dir():
-            selection = tuning.choose(
-                tuning.selection_table(tuning.collect(folder / "selection")), args.select_by
-            )
+            selection = choose_in(folder, args.select_by)
             runs = tuning.collect(folder / "final")
             if protocol is None and (folder / "protocol.json").is_file():
                 protocol = json.loads((folder / "protocol.json").read_text())
