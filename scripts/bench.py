@@ -14,7 +14,10 @@ ratios hold on a machine that drifts:
      they are installed (pip install backpack-for-pytorch opacus), checked against ours;
   3. loading (scripts/benchmark_scale.py loading): in memory, streamed, and a bare DataLoader
      loop doing the same importance steps;
-  4. data-parallel (scripts/benchmark_scale.py ddp): 2 gloo processes against 1.
+  4. data-parallel (scripts/benchmark_scale.py ddp): 2 gloo processes against 1;
+  5. evaluation: the trainer's evaluation forward per point at several eval_batch_size values
+     (what trainer.eval_batch_size=null chooses on this device, and why), with the loss and
+     error each gives, which must not depend on the batch size.
 The report says how much of the machine the benchmark got (the run-queue share of its threads
 and children, as a training run measures it): figures measured on a busy machine are marked.
 """
@@ -27,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -248,6 +252,61 @@ def ddp_section(quick: bool) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------- 5. evaluation
+EVAL_PRESETS = ["fashion_mnist_mlp", "fashion_mnist_cnn", "pixel_mnist_lstm"]
+EVAL_BATCH_SIZES = [64, 128, 256, 1024, 4096]
+
+
+def eval_section(presets: list[str], reps: int, quick: bool, overrides: list[str]) -> list[str]:
+    from importance_sampling.engine.runtime import default_eval_batch_size
+    from importance_sampling.engine.trainer import evaluate
+
+    step = script("benchmark_step")
+    points = 512 if quick else 4096
+    reps = max(2, reps // 4)  # an evaluation is seconds long: fewer repetitions suffice
+    sizes = EVAL_BATCH_SIZES[:3] if quick else EVAL_BATCH_SIZES
+    default = default_eval_batch_size(torch.device("cpu"))
+    lines = [
+        "## Evaluation",
+        "",
+        f"The trainer's evaluation (loss and error, inference mode) over {points} training "
+        "points, in ms per point, at each eval_batch_size; trainer.eval_batch_size=null "
+        f"chooses {default} on a CPU (marked *). Loss difference: the largest relative "
+        "difference from the first column's loss (the error must be equal).",
+        "",
+        "| preset | "
+        + " | ".join(f"{s}{'*' if s == default else ''}" for s in sizes)
+        + " | loss difference | error equal |",
+        "|---|" + "---|" * (len(sizes) + 2),
+    ]
+    for preset in presets:
+        cfg = step.compose(preset, "cpu", overrides)
+        try:
+            data = step.build_dataset(cfg.dataset)
+        except step.DataError:
+            data = step.synthetic_like(cfg)
+        trainer = step.build_trainer(cfg, tempfile.mkdtemp(), data)
+        x, y = trainer.source.eval_inputs(torch.arange(min(points, trainer.num_samples)))
+
+        def run(size: int, x=x, y=y, trainer=trainer) -> tuple[float, float]:
+            batches = ((x[i : i + size], y[i : i + size]) for i in range(0, len(x), size))
+            return evaluate(trainer.forward, batches, trainer.loss_fn, trainer.runtime)
+
+        results = {size: run(size) for size in sizes}  # also the warm-up
+        times: dict[int, list[float]] = {size: [] for size in sizes}
+        for _ in range(reps):  # interleaved: a drifting machine affects every size alike
+            for size in sizes:
+                start = time.perf_counter()
+                run(size)
+                times[size].append(time.perf_counter() - start)
+        loss0, error0 = results[sizes[0]]
+        diff = max(abs(loss - loss0) / max(abs(loss0), 1e-12) for loss, _ in results.values())
+        same = all(error == error0 for _, error in results.values())
+        cells = [f"{statistics.median(times[s]) / len(x) * 1e3:.3f}" for s in sizes]
+        lines.append(f"| {preset} | " + " | ".join(cells) + f" | {diff:.1e} | {same} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -259,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["step", "norms", "loading", "ddp"],
-        choices=["step", "norms", "loading", "ddp"],
+        default=["step", "norms", "loading", "ddp", "eval"],
+        choices=["step", "norms", "loading", "ddp", "eval"],
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the step section")
     args, overrides = split_overrides(parser, argv)
@@ -280,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "loading": lambda: loading_section(args.threads, args.quick),
         "ddp": lambda: ddp_section(args.quick),
+        "eval": lambda: eval_section(
+            EVAL_PRESETS[:2] if args.quick else EVAL_PRESETS, reps, args.quick, overrides
+        ),
     }
     body: list[str] = []
     for name in args.sections:

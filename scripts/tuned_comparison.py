@@ -67,6 +67,7 @@ def evaluation_seconds(cfg) -> float:
 
     from importance_sampling.config.builder import build_dataset
     from importance_sampling.engine.data import TensorDataset
+    from importance_sampling.engine.runtime import default_eval_batch_size
 
     t = cfg.trainer
     if not t.eval_every_seconds:
@@ -78,7 +79,7 @@ def evaluation_seconds(cfg) -> float:
         if not isinstance(data, TensorDataset):
             return 0.0
         model = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-        x = data.train_x[: t.eval_batch_size]
+        x = data.train_x[: t.eval_batch_size or default_eval_batch_size(torch.device("cpu"))]
         with torch.inference_mode():
             model.eval()(x)  # warm-up
             times = []

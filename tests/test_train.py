@@ -79,6 +79,35 @@ def test_time_budget_stops_the_run(compose, tmp_path):
     assert times == sorted(times) and len(times) >= 4
 
 
+def test_the_evaluation_batch_size_changes_the_speed_not_the_metrics(compose, tmp_path):
+    from importance_sampling.config import builder
+
+    rows = {}
+    for size in ("null", "50", "4096"):  # null: the device's default, 128 on the CPU
+        cfg = compose(
+            "trainer.time_budget=null",
+            "trainer.max_steps=20",
+            "trainer.eval_every_seconds=null",
+            "trainer.eval_every_steps=10",
+            "trainer.progress=false",
+            f"trainer.eval_batch_size={size}",
+        )
+        if size == "null":
+            trainer = builder.build_trainer(
+                cfg, tmp_path / "built", builder.build_dataset(cfg.dataset)
+            )
+            assert trainer.source.eval_batch_size == 128
+        builder.run(cfg, tmp_path / size)
+        rows[size] = read_metrics(tmp_path / size)
+    assert len(rows["null"]) == 3
+    for size in ("50", "4096"):  # the same training, evaluated in batches of 128, 50 or all
+        for ours, theirs in zip(rows["null"], rows[size], strict=True):
+            for key in ("train_loss", "test_loss"):
+                assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-6)
+            for key in ("train_error", "test_error", "step"):
+                assert ours[key] == theirs[key]
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_and_checkpoints_the_plain_module(compose, tmp_path):
     """trainer.compile=true (torch.compile; inductor needs a C compiler, as on this CPU): the

@@ -44,7 +44,7 @@ class TrainerConf:
     eval_every_seconds: float | None = M
     eval_every_steps: int | None = M
     train_eval_size: int | None = M
-    eval_batch_size: int = M
+    eval_batch_size: int | None = M
     amp: Any = one_of("auto", bool)
     progress: bool = M
     checkpoint_every: float | None = M

@@ -38,7 +38,7 @@ from .callbacks import Callback
 from .data import StreamingDataset, TensorDataset
 from .machine import MachineShare, starved
 from .outputs import MetricsFile, ProgressBar, SummaryFile, json_safe
-from .runtime import Runtime
+from .runtime import Runtime, default_eval_batch_size
 from .sources import LoaderOptions, make_source
 from .stopping import StopRequest, TrainingStopped
 
@@ -84,7 +84,8 @@ class Trainer:
         schedule: the learning-rate schedule over the budget.
         train_eval_size: train_loss is measured on a fixed random subset of this many training
             points (None: all of them), drawn once with ``seed``.
-        eval_batch_size: points per forward pass during evaluation.
+        eval_batch_size: points per forward pass during evaluation (None: the device's
+            default, runtime.EVAL_BATCH_SIZE: 4096 on CUDA, 128 on the CPU).
         checkpoint_every: write ``checkpoint.pt`` at the first metrics row after this many
             ``checkpoint_unit`` ("seconds" of train_time or "steps"), and at the end (None: never).
             A row whose train or test loss is not finite stops the run instead: the checkpoint on
@@ -108,7 +109,7 @@ class Trainer:
         runtime: Runtime | None = None,
         schedule: LRSchedule | None = None,
         train_eval_size: int | None = 10_000,
-        eval_batch_size: int = 4096,
+        eval_batch_size: int | None = None,
         loader: LoaderOptions | None = None,
         checkpoint_every: float | None = None,
         checkpoint_unit: str = "seconds",
@@ -121,7 +122,7 @@ class Trainer:
             ("checkpoint_every", checkpoint_every),
             ("eval_batch_size", eval_batch_size),
         ]:
-            if value is None and name != "eval_batch_size":
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"trainer.{name} must be a number > 0, got {value!r}")
@@ -134,6 +135,7 @@ class Trainer:
         self.budget, self.schedule = budget or Budget(), schedule or LRSchedule()
         self.runtime = runtime or Runtime()
         self.dist, self.device = self.runtime.dist, self.runtime.device
+        eval_batch_size = eval_batch_size or default_eval_batch_size(self.device)
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.out_dir, self.seed = Path(out_dir), seed
         self.checkpoint_every, self.checkpoint_unit = checkpoint_every, checkpoint_unit
