@@ -248,7 +248,7 @@ def ddp_section(quick: bool) -> list[str]:
     return [
         "## Two ranks against one",
         "",
-        *scale.ddp(SimpleNamespace(ddp_steps=20 if quick else 500)),
+        *scale.ddp(SimpleNamespace(ddp_steps=20 if quick else 500, parallel_only=quick)),
     ]
 
 
