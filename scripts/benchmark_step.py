@@ -110,7 +110,8 @@ def timed(fn, device: torch.device) -> float:
 def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: list[str]) -> dict:
     cfg = compose(preset, scale, overrides)
     if cfg.model.get("weights"):  # random init: the timings do not depend on the weights' values
-        cfg.model.weights = None
+        overrides = [*overrides, "model.weights=null"]
+        cfg = compose(preset, scale, overrides)
     data = None
     try:
         data = build_dataset(cfg.dataset)

@@ -311,6 +311,19 @@ def test_benchmark_script_prints_the_three_timings(tmp_path):
     assert "| pixel_mnist_lstm | synthetic_pixel_mnist | 32 | 96 |" in out.read_text()
 
 
+def test_the_step_benchmark_times_a_pretrained_preset_at_random_init(tmp_path, monkeypatch):
+    """A preset with pretrained weights (finetune_resnet at the paper's scale asks for
+    ImageNet's) is timed at random init: the weights' values do not change the timings, and
+    the file may not be there (no hub cache here)."""
+    from conftest import load_script
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub_cache"))
+    monkeypatch.setenv("IS_DATA_DIR", str(tmp_path / "none"))
+    step = load_script("benchmark_step")
+    result = step.benchmark("finetune_resnet", "cpu", 1, True, ["model.weights=imagenet"])
+    assert result["data"] == "synthetic_image_folder" and result["uniform"] > 0
+
+
 def test_mnist_family_augmentation_is_off_by_default_and_crops_on_request(data_dir):
     assert mnist(data_dir).augment is None
     crop = mnist(data_dir, augment=True).augment
