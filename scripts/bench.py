@@ -281,11 +281,7 @@ def eval_section(presets: list[str], reps: int, quick: bool, overrides: list[str
     ]
     for preset in presets:
         cfg = step.compose(preset, "cpu", overrides)
-        try:
-            data = step.build_dataset(cfg.dataset)
-        except step.DataError:
-            data = step.synthetic_like(cfg)
-        trainer = step.build_trainer(cfg, tempfile.mkdtemp(), data)
+        trainer = step.build_trainer(cfg, tempfile.mkdtemp(), step.preset_data(cfg))
         x, y = trainer.source.eval_inputs(torch.arange(min(points, trainer.num_samples)))
 
         def run(size: int, x=x, y=y, trainer=trainer) -> tuple[float, float]:

@@ -94,6 +94,16 @@ def synthetic_like(cfg) -> TensorDataset:
     return data
 
 
+def preset_data(cfg, synthetic: bool = True) -> TensorDataset:
+    """The preset's dataset, or (``synthetic``, when it is not on disk) random tensors like it."""
+    try:
+        return build_dataset(cfg.dataset)
+    except DataError:
+        if not synthetic:
+            raise
+        return synthetic_like(cfg)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -112,13 +122,7 @@ def benchmark(preset: str, scale: str, reps: int, synthetic: bool, overrides: li
     if cfg.model.get("weights"):  # random init: the timings do not depend on the weights' values
         overrides = [*overrides, "model.weights=null"]
         cfg = compose(preset, scale, overrides)
-    data = None
-    try:
-        data = build_dataset(cfg.dataset)
-    except DataError:
-        if not synthetic:
-            raise
-        data = synthetic_like(cfg)
+    data = preset_data(cfg, synthetic)
     # two trainers of the same network on the same data: one samples uniformly, one by importance
     trainers = {
         sampler: build_trainer(compose(preset, scale, overrides, sampler), tempfile.mkdtemp(), data)

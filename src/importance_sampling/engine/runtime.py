@@ -18,7 +18,7 @@ from ..core.collectives import Distributed
 
 # Points per evaluation forward when none is given: a GPU wants large batches; on a CPU a
 # batch whose activations stay in cache is faster (the CNN's evaluation forward per point is
-# about 2.4x as fast at 128 as at 4096, with the same loss and error: scripts/bench.py's
+# about 2.2x as fast at 128 as at 4096, with the same loss and error: scripts/bench.py's
 # evaluation section).
 EVAL_BATCH_SIZE = {"cuda": 4096, "cpu": 128}
 

@@ -26,7 +26,7 @@ from ..core.collectives import Distributed
 from ..core.order import mix_seed
 from ..core.samplers import Presample, Sampler
 from .data import StreamingDataset, TensorDataset
-from .runtime import Runtime
+from .runtime import Runtime, default_eval_batch_size
 
 
 @dataclass
@@ -71,13 +71,14 @@ class TensorSource:
         runtime: Runtime,
         seed: int = 0,
         train_eval_size: int | None = 10_000,
-        eval_batch_size: int = 4096,
+        eval_batch_size: int | None = None,
     ):
         device, dist = runtime.device, runtime.dist
         self.data = data.to(device)
         self.data.train_x = runtime.layout(self.data.train_x)
         self.data.test_x = runtime.layout(self.data.test_x)
-        self.sampler, self.dist, self.eval_batch_size = sampler, dist, eval_batch_size
+        self.sampler, self.dist = sampler, dist
+        self.eval_batch_size = eval_batch_size or default_eval_batch_size(device)
         # the augmentation's randomness, one stream per rank
         self.generator = torch.Generator(device).manual_seed(mix_seed(seed, dist.rank, 0xA6))
         self.train_eval = train_eval_indices(len(data), train_eval_size, seed).to(device)
@@ -213,7 +214,7 @@ class LoaderSource:
         runtime: Runtime,
         seed: int = 0,
         train_eval_size: int | None = 10_000,
-        eval_batch_size: int = 4096,
+        eval_batch_size: int | None = None,
         options: LoaderOptions | None = None,
     ):
         self.options = options = options or LoaderOptions()
@@ -242,7 +243,7 @@ class LoaderSource:
             **self._loader_kwargs,
         )
         self._it: Iterator | None = None
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = eval_batch_size or default_eval_batch_size(self.device)
         eval_idx = train_eval_indices(len(data), train_eval_size, seed)
         self._eval_sets = {
             "train": Subset(data.train_eval, _share(eval_idx, self.dist).tolist()),
@@ -298,7 +299,7 @@ def make_source(
     runtime: Runtime,
     seed: int = 0,
     train_eval_size: int | None = 10_000,
-    eval_batch_size: int = 4096,
+    eval_batch_size: int | None = None,
     loader: LoaderOptions | None = None,
 ) -> TensorSource | LoaderSource:
     """A TensorSource for tensors, a LoaderSource for a streaming dataset."""

@@ -38,7 +38,7 @@ from .callbacks import Callback
 from .data import StreamingDataset, TensorDataset
 from .machine import MachineShare, starved
 from .outputs import MetricsFile, ProgressBar, SummaryFile, json_safe
-from .runtime import Runtime, default_eval_batch_size
+from .runtime import Runtime
 from .sources import LoaderOptions, make_source
 from .stopping import StopRequest, TrainingStopped
 
@@ -135,7 +135,6 @@ class Trainer:
         self.budget, self.schedule = budget or Budget(), schedule or LRSchedule()
         self.runtime = runtime or Runtime()
         self.dist, self.device = self.runtime.dist, self.runtime.device
-        eval_batch_size = eval_batch_size or default_eval_batch_size(self.device)
         self.model, self.optimizer, self.sampler, self.loss_fn = model, optimizer, sampler, loss_fn
         self.out_dir, self.seed = Path(out_dir), seed
         self.checkpoint_every, self.checkpoint_unit = checkpoint_every, checkpoint_unit
