@@ -150,6 +150,56 @@ def run_all(
                     )
 
 
+def seed_pairs(
+    folder: Path, picks: list, seeds: list[int], experiment: str, overrides: list[str]
+) -> list[list[tuple[Path, list[str]]]]:
+    """The final stage as pairs: per seed, the uniform run, then each other sampler's, run back
+    to back so that the runs compared with each other share the machine and the hour."""
+    picks = sorted(picks, key=lambda s: s.sampler != "uniform")
+    return [
+        [
+            (
+                d := folder / "final" / f"{s.sampler}_seed{seed}",
+                run_command(
+                    experiment,
+                    s.overrides() + [f"seed={seed}", "dataset.validation_size=null"],
+                    d,
+                    overrides,
+                ),
+            )
+            for s in picks
+        ]
+        for seed in seeds
+    ]
+
+
+def run_pairs(
+    pairs: list[list[tuple[Path, list[str]]]],
+    log_path: Path,
+    progress: SweepProgress,
+    parallel: int,
+    max_pairs: int | None = None,
+) -> int:
+    """Run the pairs not finished yet, one whole pair after another, at most ``max_pairs`` of
+    them; return how many pairs are finished. A pair left half done (a session that ended
+    between its runs) is run again whole: a pair never mixes two working periods."""
+    started = 0
+    with open(log_path, "a") as log:
+        for pair in pairs:
+            if all(finished(d) for d, _ in pair):
+                continue
+            if max_pairs is not None and started >= max_pairs:
+                break
+            if half := [d for d, _ in pair if finished(d)]:
+                log.write(f"# a pair left half done is run again whole: {pair[0][0].name} ...\n")
+                for d in half:
+                    shutil.rmtree(d)
+            started += 1
+            log.flush()
+            run_all(pair, log_path, progress, parallel)
+    return sum(all(finished(d) for d, _ in pair) for pair in pairs)
+
+
 def choose_in(folder: Path, by: str):
     """The selection runs of a protocol folder, each sampler's choice marked (tuning.choose)."""
     from importance_sampling.analysis import tuning
@@ -181,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final runs")
+    parser.add_argument(
+        "--max-pairs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N seed pairs of the final stage now (a working period's share), then "
+        "report what is done, labelled PARTIAL; the same command with --protocol-dir goes on",
+    )
     parser.add_argument("--selection-seed", type=int, default=0)
     parser.add_argument(
         "--widen-edges",
@@ -385,16 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             "chosen on the validation split: "
             + "; ".join(f"{s.sampler} lr {s.lr:g} {s.schedule}" for s in picks)
         )
-        final_jobs = [
-            (
-                folder / "final" / f"{s.sampler}_seed{seed}",
-                s.overrides() + [f"seed={seed}", "dataset.validation_size=null"],
-            )
-            for seed in args.seeds
-            for s in picks
-        ]
-        commands = [(d, run_command(args.experiment, o, d, extra)) for d, o in final_jobs]
-        run_all(commands, folder / LOG, progress, args.jobs)
+        pairs = seed_pairs(folder, picks, args.seeds, args.experiment, extra)
+        run_pairs(pairs, folder / LOG, progress, args.jobs, args.max_pairs)
     except (RuntimeError, tuning.SelectionError) as e:
         progress.close()
         print(f"error: {e}", file=sys.stderr)
@@ -425,42 +475,44 @@ def final_only(args, argv: list[str], extra: list[str]) -> int:
         args.protocol_dir
         or ROOT / "multirun" / f"{args.experiment}_tuned" / time.strftime("%Y-%m-%d_%H-%M-%S")
     ).resolve()
-    jobs = [
-        (
-            folder / "final" / f"{s.sampler}_seed{seed}",
-            s.overrides() + [f"seed={seed}", "dataset.validation_size=null"],
-        )
-        for seed in args.seeds
-        for s in picks
-    ]
+    pairs = seed_pairs(folder, picks, args.seeds, args.experiment, overrides)
     print(
-        f"{args.experiment}: {len(jobs)} final runs ({', '.join(s.sampler for s in picks)} x "
+        f"{args.experiment}: {len(args.seeds)} seed pairs of final runs "
+        f"({', '.join(s.sampler for s in picks)} x "
         f"seeds {' '.join(map(str, args.seeds))}) of the settings chosen in {saved}, "
         f"into {folder}",
         flush=True,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    progress = SweepProgress(folder, len(jobs), folder / LOG, pattern="*/*/.hydra/config.yaml")
+    total = sum(map(len, pairs))
+    progress = SweepProgress(folder, total, folder / LOG, pattern="*/*/.hydra/config.yaml")
     try:
-        commands = [(d, run_command(args.experiment, o, d, overrides)) for d, o in jobs]
-        run_all(commands, folder / LOG, progress, args.jobs)
+        done = run_pairs(pairs, folder / LOG, progress, args.jobs, args.max_pairs)
     except RuntimeError as e:
         progress.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
     progress.close()
+    seeds_done = [
+        seed
+        for seed, pair in zip(args.seeds, pairs, strict=True)
+        if all(finished(d) for d, _ in pair)
+    ]
+    if not seeds_done:
+        print(f"error: no seed pair of {folder / 'final'} has finished", file=sys.stderr)
+        return 1
     new_runs = tuning.collect(folder / "final")
-    rerun = set(zip(new_runs["sampler"], new_runs["seed"], strict=True))
+    new_runs = new_runs[new_runs["seed"].isin(seeds_done)]  # whole pairs only
     kept = old_runs[
         [
-            sa in samplers and (sa, se) not in rerun
+            sa in samplers and se not in args.seeds
             for sa, se in zip(old_runs["sampler"], old_runs["seed"], strict=True)
         ]
     ]
     runs = pd.concat([kept, new_runs], ignore_index=True)
     seeds = sorted(set(int(s) for s in runs["seed"]))
     protocol = {
-        **protocol,
+        **{k: v for k, v in protocol.items() if k != "partial_pairs"},
         "seeds": seeds,
         "final_only": {
             "from": str(saved),
@@ -469,6 +521,12 @@ def final_only(args, argv: list[str], extra: list[str]) -> int:
             "command": "python scripts/tuned_comparison.py " + shlex.join(argv),
         },
     }
+    if done < len(pairs):
+        protocol["partial_pairs"] = {
+            "done": done,
+            "planned": len(pairs),
+            "seeds_done": seeds_done,
+        }
     (folder / "protocol.json").write_text(json.dumps(protocol, indent=1) + "\n")
     starved = tuning.starved_in(new_runs, selection.iloc[:0])
     if starved and not args.allow_starved:

@@ -40,10 +40,10 @@ def test_the_share_is_run_over_run_plus_wait_summed_over_threads(monkeypatch):
     share = MachineShare()
     share.start()
     share.stop()
-    assert share.take_interval() == pytest.approx(340 / 400)  # (200 + 100 + 40) / (+ 60 wait)
+    assert share.take_interval()[0] == pytest.approx(340 / 400)  # (200 + 100 + 40) / (+ 60 wait)
     share.start()
     share.stop()
-    assert share.take_interval() == pytest.approx(0.5)
+    assert share.take_interval()[0] == pytest.approx(0.5)
     assert share.share == pytest.approx(440 / 600)
     resumed = MachineShare()
     resumed.load_state_dict(share.state_dict())
@@ -55,12 +55,41 @@ def test_without_schedstat_nothing_is_measured_and_nothing_is_flagged(monkeypatc
     share = MachineShare()
     share.start()
     share.stop()
-    assert math.isnan(share.take_interval()) and math.isnan(share.share)
+    assert math.isnan(share.take_interval()[0]) and math.isnan(share.share)
     assert not starved(share.share) and starved(0.5) and not starved(0.95)
     assert starved_warning({"machine_share": None, "starved": False}) is None
     line = starved_warning({"machine_share": 0.42, "starved": True})
     assert line.startswith("warning: ") and "machine_share 0.42 < 0.9" in line
     assert "\n" not in line and "idle machine" in line
+
+
+def test_steal_is_the_hypervisors_share_of_every_cpu_over_the_timed_intervals(monkeypatch):
+    ticks = iter([(10, 1000), (30, 1200), (30, 1300), (130, 1500), (200, 2000), (200, 2100)])
+    monkeypatch.setattr(machine, "cpu_times", lambda: next(ticks))
+    share = MachineShare()
+    share.start()
+    share.stop()  # 20 of 200 ticks stolen
+    assert share.take_interval()[1] == pytest.approx(0.1)
+    share.start()
+    share.stop()  # 100 of 200; the time between the intervals (evaluation) does not count
+    share.start()
+    share.stop()  # none of 100
+    assert share.take_interval()[1] == pytest.approx(100 / 300)
+    assert share.steal == pytest.approx(120 / 500)
+    resumed = MachineShare()
+    resumed.load_state_dict(share.state_dict())
+    assert resumed.steal == pytest.approx(share.steal)
+    resumed.load_state_dict({"run_ns": 1, "wait_ns": 0})  # a checkpoint from before steal
+    assert math.isnan(resumed.steal)
+
+
+def test_proc_stat_is_read_where_linux_has_it():
+    times = machine.cpu_times()
+    if not Path("/proc/stat").is_file():
+        assert times is None
+        return
+    stolen, every = times
+    assert 0 <= stolen <= every and every > 0
 
 
 def run_train(run_dir: Path, preexec, *extra: str) -> subprocess.CompletedProcess:
@@ -71,6 +100,7 @@ def run_train(run_dir: Path, preexec, *extra: str) -> subprocess.CompletedProces
         "trainer.time_budget=1.5",
         "trainer.eval_every_seconds=0.5",
         "trainer.progress=false",
+        "trainer.reference_steps=40",  # ~40 ms: several of the scheduler's time slices
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
@@ -116,6 +146,11 @@ def test_a_starved_run_is_flagged_and_a_run_with_the_cpu_to_itself_is_not(tmp_pa
     summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
     assert not summary["starved"] and summary["machine_share"] > 0.9
     assert "warning: " not in proc.stderr
+    # the reference workload ran at the speed the run got: about half with the CPU shared
+    slow = json.loads((tmp_path / "starved" / "summary.json").read_text())["reference_ms"]
+    assert slow > 1.5 * summary["reference_ms"] > 0
+    rows = pd.read_csv(tmp_path / "alone" / "metrics.csv")
+    assert (rows["reference_ms"] > 0).all() and rows["steal"].iloc[1:].between(0, 1).all()
 
     # the sweep's report and the comparison tables mark the starved run, and only it
     report = sweep_report(tmp_path).splitlines()
@@ -160,3 +195,42 @@ def test_tables_and_figures_mark_starved_runs():
     # a runs.csv written before the column existed reads as "not measured, not starved"
     old = runs.drop(columns=["run_machine_share", "starved"])
     assert not analysis.with_run_columns(old)["starved"].any()
+
+
+def test_pairs_whose_machine_changed_speed_are_flagged_and_timed_in_reference_units():
+    """Seed 1's upper_bound ran on a machine 10% slower: flagged, and in reference steps its
+    time to the target shrinks by that much; seed 0's pair (2% apart) is not flagged."""
+    from importance_sampling.analysis import drift
+
+    rows = []
+    speeds = {("uniform", 0): 10.0, ("upper_bound", 0): 10.2, ("uniform", 1): 10.0}
+    speeds[("upper_bound", 1)] = 11.0
+    for (sampler, seed), ms in speeds.items():
+        for t in (0.0, 10.0, 20.0):
+            error = 0.5 - t / (50 if sampler == "upper_bound" else 100)
+            rows.append(
+                {
+                    "run": f"{sampler}_{seed}",
+                    "sampler": sampler,
+                    "seed": seed,
+                    "run_reference_ms": ms,
+                    "run_steal": 0.0,
+                    "train_time": t,
+                    "train_loss": error,
+                    "test_error": error,
+                }
+            )
+    runs = pd.DataFrame(rows)
+    pairs = drift.pair_speeds(runs)
+    assert list(pairs["flagged"]) == [False, True]
+    assert pairs["ratio"].tolist() == pytest.approx([1.02, 1.1])
+    scaled = drift.in_reference_units(runs)
+    median = 10.1  # of the four runs' reference times (10, 10, 10.2, 11)
+    slow = scaled[scaled["run"] == "upper_bound_1"]["train_time"]
+    assert slow.tolist() == pytest.approx([0, 10 * median / 11, 20 * median / 11])
+    text = drift.drift_markdown(runs, [0.7], at=20.0)
+    assert "| 1 | upper_bound | 10.00 | 11.00 | 1.100 ⚠ |" in text
+    assert "1 pair(s) flagged (seeds 1). Without them" in text and "over 1 pairs" in text
+    assert "in reference steps" in text
+    # runs written before the reference workload: no section
+    assert drift.drift_markdown(runs.drop(columns=["run_reference_ms"]), [0.7], at=20.0) == ""

@@ -278,6 +278,38 @@ def test_the_protocol_runs_a_widened_selection_before_its_final_stage(tmp_path, 
     assert batches[1] == ["final uniform 0.02", "final upper_bound 0.01"]
 
 
+def test_the_final_stage_runs_whole_seed_pairs_back_to_back(tmp_path, monkeypatch):
+    """Pairs (uniform first), a pair left half done is run again whole, --max-pairs stops
+    after that many pairs run now."""
+    script = load_script("tuned_comparison")
+    ran: list[list[str]] = []
+
+    def fake_run_all(jobs, log_path, progress, parallel):
+        ran.append([d.name for d, _ in jobs])
+        for d, _ in jobs:
+            assert not d.exists()  # nothing of a half-done pair is kept
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"status": "completed"}))
+
+    monkeypatch.setattr(script, "run_all", fake_run_all)
+    picks = [tuning.Setting("upper_bound", 0.05, "step"), tuning.Setting("uniform", 0.1, "step")]
+    pairs = script.seed_pairs(tmp_path, picks, [0, 1, 2], "digits_mlp", ["threads=2"])
+    assert [[d.name for d, _ in pair] for pair in pairs][0] == [
+        "uniform_seed0",
+        "upper_bound_seed0",
+    ]
+    assert pairs[1][1][1][-1] == "threads=2" and "seed=1" in pairs[1][1][1]
+    fake_run_all(pairs[0], None, None, 1)  # seed 0: done in an earlier working period
+    fake_run_all(pairs[1][:1], None, None, 1)  # seed 1: its uniform run only
+    ran.clear()
+    log = tmp_path / "protocol.log"
+    assert script.run_pairs(pairs, log, None, 1, max_pairs=1) == 2
+    assert ran == [["uniform_seed1", "upper_bound_seed1"]]  # whole, and no further
+    assert "run again whole" in log.read_text()
+    assert script.run_pairs(pairs, log, None, 1) == 3
+    assert ran[1:] == [["uniform_seed2", "upper_bound_seed2"]]
+
+
 def test_choosing_refuses_runs_on_the_test_set_and_samplers_without_a_usable_run():
     table = selection([("uniform", 0.05, "constant", "completed", 0.1, 0.3)])
     with pytest.raises(tuning.SelectionError, match="evaluated on the test split"):
@@ -365,6 +397,9 @@ def test_the_protocol_chooses_on_validation_and_reports_on_the_test_set(tmp_path
     # the report reads back, and regenerates identically from its own files
     table = (out / "table.md").read_text()
     assert "| uniform | 0.05 |" in table and "test accuracy" in table
+    # every run timed the reference workload: the report sets the pairs' speeds side by side
+    assert (runs.drop_duplicates("run")["run_reference_ms"] > 0).all()
+    assert "## Machine speed in each pair" in table and "in reference steps" in table
     assert (out / "figure.png").stat().st_size > 20_000
     accuracy = pd.read_csv(out / "time_to_accuracy.csv")
     assert set(accuracy["sampler"]) == {"uniform", "upper_bound"}

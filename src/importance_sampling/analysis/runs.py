@@ -26,6 +26,8 @@ RUN_COLUMNS = (
     "status",
     "run_machine_share",  # the share of the machine the whole run got (NaN: not measured)
     "starved",  # flagged by the run itself: its share was below the threshold (engine/machine.py)
+    "run_reference_ms",  # the machine's speed over the run: ms of a reference step (reference.py)
+    "run_steal",  # share of the CPUs' time the hypervisor took over the run (engine/machine.py)
 )
 RUNS_CSV = "runs.csv"
 
@@ -68,6 +70,8 @@ def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFram
         "status": summary.get("status", "running"),
         "run_machine_share": summary.get("machine_share", math.nan),
         "starved": bool(summary.get("starved", False)),
+        "run_reference_ms": summary.get("reference_ms", math.nan),
+        "run_steal": summary.get("steal", math.nan),
     }
     for i, (key, value) in enumerate(names.items()):
         metrics.insert(i, key, value)
@@ -102,9 +106,14 @@ def load(path: str | Path) -> pd.DataFrame:
 
 
 def with_run_columns(runs: pd.DataFrame) -> pd.DataFrame:
-    """A runs.csv written before a run column existed, with that column (machine share: not
-    measured, never starved) in its place."""
-    defaults = {"run_machine_share": math.nan, "starved": False}
+    """A runs.csv written before a run column existed, with that column (machine share,
+    reference speed, steal: not measured; never starved) in its place."""
+    defaults = {
+        "run_machine_share": math.nan,
+        "starved": False,
+        "run_reference_ms": math.nan,
+        "run_steal": math.nan,
+    }
     for i, column in enumerate(RUN_COLUMNS):
         if column not in runs.columns:
             runs.insert(i, column, defaults.get(column))

@@ -22,6 +22,16 @@ def fmt(x: float, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
+def ratio_cell(gmean: float, low: float, high: float, bound: str = "=") -> str:
+    """'1.23× [1.01, 1.50]': a geometric mean ratio and its 95% interval ('–' when not
+    measured, no brackets with one seed); a censored speedup's bound ('<', '>', '~') in front."""
+    prefix = "" if bound == "=" else "~ " if bound == "?" else f"{bound} "
+    if math.isnan(gmean):
+        return "–"
+    interval = f" [{fmt(low, '.2f')}, {fmt(high, '.2f')}]" if not math.isnan(low) else ""
+    return f"{prefix}{fmt(gmean, '.2f')}×{interval}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -37,6 +37,7 @@ from .compare import (
     time_to_accuracy,
     time_to_loss,
 )
+from .drift import drift_markdown
 from .figures import legend_below, plot_curves, plot_time_to_loss
 from .runs import (
     RUN_COLUMNS,
@@ -50,7 +51,7 @@ from .runs import (
 from .runs import title as runs_title
 from .styles import sampler_style
 from .switch import cost_markdown, plot_switch
-from .tables import fmt, markdown_table, time_to_loss_markdown
+from .tables import fmt, markdown_table, ratio_cell, time_to_loss_markdown
 
 SELECT_BY = {  # criterion -> the columns of selection_table compared, in order (ties: the next)
     "error": ("val_error", "val_loss"),
@@ -220,15 +221,6 @@ def _pm(median: float, low: float, high: float, spec: str, scale: float = 1.0) -
     return f"{f(scale * median, spec)} [{f(scale * low, spec)}, {f(scale * high, spec)}]"
 
 
-def _ratio(gmean: float, low: float, high: float, bound: str = "=") -> str:
-    f = fmt
-    prefix = "" if bound == "=" else "~ " if bound == "?" else f"{bound} "
-    if math.isnan(gmean):
-        return "–"
-    interval = f" [{f(low, '.2f')}, {f(high, '.2f')}]" if not math.isnan(low) else ""
-    return f"{prefix}{f(gmean, '.2f')}×{interval}"
-
-
 def _seconds(x: float) -> str:
     """Whole seconds from 10 s on, tenths below (a tiny budget in the tests)."""
     return fmt(x, ".0f" if x >= 10 else ".1f")
@@ -313,7 +305,7 @@ def report(
                 _pm(r["train_loss_median"], r["train_loss_min"], r["train_loss_max"], ".4f"),
                 "–"
                 if s == baseline
-                else _ratio(
+                else ratio_cell(
                     r["train_loss_ratio_gmean"],
                     r["train_loss_ratio_ci_low"],
                     r["train_loss_ratio_ci_high"],
@@ -321,7 +313,7 @@ def report(
                 _pm(r["test_error_median"], r["test_error_min"], r["test_error_max"], ".2f", 100),
                 "–"
                 if s == baseline
-                else _ratio(
+                else ratio_cell(
                     r["test_error_ratio_gmean"],
                     r["test_error_ratio_ci_low"],
                     r["test_error_ratio_ci_high"],
@@ -329,7 +321,9 @@ def report(
                 _time_cell(h),
                 "–"
                 if s == baseline
-                else _ratio(h.speedup_gmean, h.speedup_ci_low, h.speedup_ci_high, h.speedup_bound),
+                else ratio_cell(
+                    h.speedup_gmean, h.speedup_ci_low, h.speedup_ci_high, h.speedup_bound
+                ),
             ]
         )
     target = 100 * max(acc["accuracy"])
@@ -356,7 +350,9 @@ def report(
                 _time_cell(r),
                 "–"
                 if r.sampler == baseline or not r.pairs
-                else _ratio(r.speedup_gmean, r.speedup_ci_low, r.speedup_ci_high, r.speedup_bound),
+                else ratio_cell(
+                    r.speedup_gmean, r.speedup_ci_low, r.speedup_ci_high, r.speedup_bound
+                ),
                 "–"
                 if r.sampler == baseline or not r.pairs
                 else _pm(r.speedup_median, r.speedup_min, r.speedup_max, ".2f"),
@@ -398,6 +394,8 @@ def report(
             costs,
             "",
         ]
+    if drift := drift_markdown(runs, list(accuracies), at, baseline):
+        text.append(drift)
     if warning:
         text.append(f"Warning: {warning}.\n")
     for phase, frame in (("final", runs), ("selection", selection)):
@@ -591,8 +589,15 @@ def save(
     rep.accuracy.to_csv(paths["time_to_accuracy"], index=False)
     rep.loss.to_csv(paths["time_to_loss"], index=False)
     paths["protocol"].write_text(json.dumps(protocol or {}, indent=1) + "\n")
-    title = f"Tuned comparison: {runs_title(runs)}"
-    paths["table"].write_text(f"# {title}\n\n{rep.markdown}")
+    title, markdown = f"Tuned comparison: {runs_title(runs)}", rep.markdown
+    if partial := (protocol or {}).get("partial_pairs"):  # a final stage not run to its end
+        title = f"Tuned comparison, PARTIAL: {runs_title(runs)}"
+        markdown = (
+            f"**PARTIAL**: {partial['done']} of {partial['planned']} planned seed pairs done "
+            f"(seeds {', '.join(map(str, partial['seeds_done']))}); the intervals are over "
+            "these seeds only, not the protocol's result.\n\n" + markdown
+        )
+    paths["table"].write_text(f"# {title}\n\n{markdown}")
     fig = figure(runs, selection, rep.accuracy, title)
     fig.savefig(paths["figure"], dpi=100)
     plt.close(fig)
@@ -683,13 +688,13 @@ def partial_markdown(
                     f"{last['train_time']:.0f}",
                     f"{100 * last['test_error']:.2f}",
                     f"{last['train_loss']:.4f}",
+                    f"{last.get('run_machine_share', math.nan):.3f}",
+                    f"{last.get('run_reference_ms', math.nan):.2f}",
                 ]
             )
-        lines.append(
-            markdown_table(
-                ["run", "status", "train_time (s)", "test error (%)", "training loss"], rows
-            )
-        )
+        header = ["run", "status", "train_time (s)", "test error (%)", "training loss"]
+        header += ["machine share", "reference step (ms)"]
+        lines.append(markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,7 @@ class TrainerConf:
     eval_batch_size: int | None = M
     amp: Any = one_of("auto", bool)
     progress: bool = M
+    reference_steps: int = M
     checkpoint_every: float | None = M
     checkpoint_unit: str = M
     resume: Any = one_of(bool, "must")

@@ -17,6 +17,11 @@ with idle threads.
 
 Where schedstat is missing (not Linux, or a kernel without CONFIG_SCHED_INFO) the share is NaN:
 not measured, never flagged.
+
+Beside it, over the same intervals, the *steal*: the fraction of every CPU's time that the
+hypervisor gave to other virtual machines (``/proc/stat``'s steal column), which a virtual
+machine's own scheduler never sees. A slower host shows in neither: reference.py times a fixed
+workload for that.
 """
 
 from __future__ import annotations
@@ -75,24 +80,48 @@ def thread_times(pid: int | None = None) -> dict[int, tuple[int, int]] | None:
     return out or None
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(ticks stolen by the hypervisor, all ticks) summed over the CPUs, from /proc/stat's
+    ``cpu`` line; None where there is no such line."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        # user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+        ticks = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if fields[0] != "cpu" or len(ticks) < 8:
+        return None
+    return ticks[7], sum(ticks)
+
+
 class MachineShare:
     """Accumulates the run and wait time of this process's threads over the intervals between
     ``start()`` and ``stop()`` (the timed steps of a run, not its evaluations).
 
-    ``interval`` is the share over the intervals since the last ``take_interval()`` (a metrics
-    row), ``share`` the share over every interval so far; both NaN when not measured."""
+    ``take_interval()`` gives the share and the steal over the intervals since its last call (a
+    metrics row); ``share`` and ``steal`` are over every interval so far; NaN when not measured."""
 
     def __init__(self) -> None:
         self.available = thread_times() is not None
         self.run_ns = self.wait_ns = 0  # over the whole run (restored on resume)
-        self._interval = [0, 0]
+        self.steal_ticks = self.all_ticks = 0
+        self._interval = [0, 0, 0, 0]  # run ns, wait ns, stolen ticks, all ticks
         self._since: dict[int, tuple[int, int]] | None = None
+        self._ticks_since: tuple[int, int] | None = None
 
     def start(self) -> None:
+        self._ticks_since = cpu_times()
         if self.available:
             self._since = thread_times()
 
     def stop(self) -> None:
+        ticks, self._ticks_since = self._ticks_since, None
+        if ticks is not None and (now_ticks := cpu_times()) is not None:
+            steal, every = now_ticks[0] - ticks[0], now_ticks[1] - ticks[1]
+            self.steal_ticks, self.all_ticks = self.steal_ticks + steal, self.all_ticks + every
+            self._interval[2] += steal
+            self._interval[3] += every
         if not self.available or self._since is None:
             return
         now = thread_times() or {}
@@ -115,14 +144,27 @@ class MachineShare:
             return math.nan
         return self.ratio(self.run_ns, self.wait_ns)
 
-    def take_interval(self) -> float:
-        """The share since the last call (NaN if nothing was measured), and start a new one."""
-        run, wait = self._interval
-        self._interval = [0, 0]
-        return self.ratio(run, wait) if self.available else math.nan
+    @property
+    def steal(self) -> float:
+        return self.steal_ticks / self.all_ticks if self.all_ticks else math.nan
+
+    def take_interval(self) -> tuple[float, float]:
+        """(share, steal) since the last call (NaN where nothing was measured), and start a new
+        interval."""
+        run, wait, steal, every = self._interval
+        self._interval = [0, 0, 0, 0]
+        share = self.ratio(run, wait) if self.available else math.nan
+        return share, (steal / every if every else math.nan)
 
     def state_dict(self) -> dict:
-        return {"run_ns": self.run_ns, "wait_ns": self.wait_ns}
+        return {
+            "run_ns": self.run_ns,
+            "wait_ns": self.wait_ns,
+            "steal_ticks": self.steal_ticks,
+            "all_ticks": self.all_ticks,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.run_ns, self.wait_ns = int(state["run_ns"]), int(state["wait_ns"])
+        # a checkpoint written before steal was measured: from here on
+        self.steal_ticks, self.all_ticks = state.get("steal_ticks", 0), state.get("all_ticks", 0)

@@ -39,6 +39,8 @@ METRICS_COLUMNS = (
     "fallbacks",  # importance steps whose scores were all equal or zero (so a uniform step)
     "world_size",  # data-parallel processes
     "machine_share",  # share of the time the run's threads were ready that they ran (machine.py)
+    "steal",  # share of the CPUs' time the hypervisor gave to other machines meanwhile (machine.py)
+    "reference_ms",  # ms of one step of the fixed reference workload, now (reference.py)
 )  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from .callbacks import Callback
 from .data import StreamingDataset, TensorDataset
 from .machine import MachineShare, starved
 from .outputs import MetricsFile, ProgressBar, SummaryFile, json_safe
+from .reference import ReferenceWorkload
 from .runtime import Runtime
 from .sources import LoaderOptions, make_source
 from .stopping import StopRequest, TrainingStopped
@@ -93,6 +95,8 @@ class Trainer:
         resume: ``False``; ``True``: continue from ``out_dir/checkpoint.pt`` when it exists,
             else start a new run; ``"must"``: the checkpoint must exist.
         progress: show a progress bar.
+        reference_steps: at every metrics row, outside train_time, time this many steps of a
+            fixed reference workload (reference.py): how fast the machine was (0: not measured).
         callbacks: told of every metrics row and of the end of the run (rank 0 only).
     """
 
@@ -115,6 +119,7 @@ class Trainer:
         checkpoint_unit: str = "seconds",
         resume: bool | str = False,
         progress: bool = True,
+        reference_steps: int = 5,
         callbacks: Sequence[Callback] = (),
     ):
         for name, value in [
@@ -170,6 +175,8 @@ class Trainer:
         self.stopped_by = 0  # the signal that stopped the last fit (0: none)
         self.machine = MachineShare()  # how much of the CPUs the timed steps got (machine.py)
         self.machine_share = math.nan  # over the whole run, the slowest rank's (at the last row)
+        self.steal = math.nan  # the hypervisor's share of the CPUs over the whole run (machine.py)
+        self.reference = ReferenceWorkload(reference_steps, sampler.batch_size)
 
     def _progress_bar(self) -> ProgressBar:
         """Over seconds of train_time, else over steps (the step budget, or the steps that the
@@ -336,16 +343,31 @@ class Trainer:
         clock, signum = self.dist.max_floats([mine, float(self.stop.signum)])
         return clock, int(signum)
 
-    def _machine_shares(self) -> float:
-        """The share of the machine the steps since the last row got, and (self.machine_share)
-        over the whole run: the lowest of every rank's, since the slowest rank sets the pace."""
-        interval, total = self.machine.take_interval(), self.machine.share
+    def _machine_shares(self) -> tuple[float, float]:
+        """The share of the machine the steps since the last row got and the CPU time stolen
+        by the hypervisor meanwhile; the same over the whole run in self.machine_share and
+        self.steal. With several ranks, the lowest share and the highest steal of any rank
+        (the slowest rank sets the pace)."""
+        (interval, steal), total = self.machine.take_interval(), self.machine.share
+        self.steal = self.machine.steal
         if self.dist.enabled:  # NaN (not measured) stays NaN: -max(-x) over the ranks
-            interval, total = (-v for v in self.dist.max_floats([-interval, -total]))
+            interval, total, steal, self.steal = self.dist.max_floats(
+                [-interval, -total, steal, self.steal]
+            )
+            interval, total = -interval, -total
         self.machine_share = total
-        return interval
+        return interval, steal
+
+    def _reference_ms(self) -> float:
+        """Milliseconds of one reference step now (reference.py), the slowest rank's."""
+        ms = self.reference.ms_per_step(
+            self.model, lambda: self.source.eval_batches("test"), self.loss_fn, self.runtime
+        )
+        return self.dist.max_floats([ms])[0] if self.dist.enabled else ms
 
     def _row(self) -> dict:
+        share, steal = self._machine_shares()
+        reference_ms = self._reference_ms()
         train_loss, train_error = evaluate(
             self.forward, self.source.eval_batches("train"), self.loss_fn, self.runtime
         )
@@ -367,7 +389,9 @@ class Trainer:
             "scored": self.sampler.scored,
             "fallbacks": self.sampler.fallbacks,
             "world_size": self.dist.world_size,
-            "machine_share": self._machine_shares(),
+            "machine_share": share,
+            "steal": steal,
+            "reference_ms": reference_ms,
             **self.sampler.metrics(),
         }
         self.steps_since_row = self.is_steps_since_row = 0
@@ -413,8 +437,17 @@ class Trainer:
                 "wall_time": self.wall_time(),
                 "machine_share": self.machine_share,
                 "starved": starved(self.machine_share),
+                "steal": self.steal,
+                # the machine's speed over the run: the median over its rows (reference.py)
+                "reference_ms": _median([r.get("reference_ms", math.nan) for r in self.rows]),
             }
         )
         for callback in self.callbacks:
             callback.on_end(self, summary)
         return summary
+
+
+def _median(values: list[float]) -> float:
+    """The median of the measured values (NaN when none was)."""
+    kept = sorted(v for v in values if not math.isnan(v))
+    return statistics.median(kept) if kept else math.nan
