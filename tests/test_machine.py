@@ -228,9 +228,13 @@ def test_pairs_whose_machine_changed_speed_are_flagged_and_timed_in_reference_un
     median = 10.1  # of the four runs' reference times (10, 10, 10.2, 11)
     slow = scaled[scaled["run"] == "upper_bound_1"]["train_time"]
     assert slow.tolist() == pytest.approx([0, 10 * median / 11, 20 * median / 11])
-    text = drift.drift_markdown(runs, [0.7], at=20.0)
+    text = drift.drift_markdown(runs, 20.0, accuracies=[0.7])
     assert "| 1 | upper_bound | 10.00 | 11.00 | 1.100 ⚠ |" in text
     assert "1 pair(s) flagged (seeds 1). Without them" in text and "over 1 pairs" in text
-    assert "in reference steps" in text
+    assert "in reference steps" in text and "| 70.00 | upper_bound |" in text
+    by_loss = drift.drift_markdown(runs, 20.0, loss_targets=[0.3])
+    assert "| training loss | sampler |" in by_loss and "| 0.3 | upper_bound |" in by_loss
     # runs written before the reference workload: no section
-    assert drift.drift_markdown(runs.drop(columns=["run_reference_ms"]), [0.7], at=20.0) == ""
+    assert (
+        drift.drift_markdown(runs.drop(columns=["run_reference_ms"]), 20.0, accuracies=[0.7]) == ""
+    )

@@ -21,7 +21,7 @@ import math
 
 import pandas as pd
 
-from .compare import at_time, paired_ratios, speedup, time_to_accuracy
+from .compare import at_time, paired_ratios, speedup, time_to_accuracy, time_to_loss
 from .runs import samplers_in_order
 from .tables import markdown_table, ratio_cell
 
@@ -87,14 +87,16 @@ def in_reference_units(runs: pd.DataFrame) -> pd.DataFrame:
 
 def drift_markdown(
     runs: pd.DataFrame,
-    accuracies: list[float],
     at: float,
     baseline: str = "uniform",
+    accuracies: list[float] | None = None,
+    loss_targets: list[float] | None = None,
     tolerance: float = TOLERANCE,
 ) -> str:
     """The report's section: every pair's reference times, flagged beyond ``tolerance``; the
-    time-to-accuracy speedups in seconds and in reference units; and, where pairs are flagged,
-    the equal-time ratios without them. '' when the runs did not measure their speed."""
+    speedups to each test accuracy (or, without ``accuracies``, each training loss of
+    ``loss_targets``) in seconds and in reference units; and, where pairs are flagged, the
+    equal-time ratios without them. '' when the runs did not measure their speed."""
     if not measured(runs):
         return ""
     pairs = pair_speeds(runs, baseline, tolerance)
@@ -121,15 +123,31 @@ def drift_markdown(
         ),
         "",
     ]
-    wall = speedup(time_to_accuracy(runs, accuracies), baseline)
-    ref = speedup(time_to_accuracy(in_reference_units(runs), accuracies), baseline)
+    if accuracies is not None:
+        level, what = "test accuracy (%)", "each test accuracy"
+
+        def times(frame):
+            return speedup(time_to_accuracy(frame, accuracies), baseline)
+
+        def name(target):
+            return f"{100 * (1 - target):.2f}"
+    else:
+        level, what = "training loss", "each training loss"
+
+        def times(frame):
+            return speedup(time_to_loss(frame, loss_targets or []), baseline)
+
+        def name(target):
+            return f"{target:.3g}"
+
+    wall, ref = times(runs), times(in_reference_units(runs))
     cells = []
     for w, r in zip(wall.itertuples(), ref.itertuples(), strict=True):
         if w.sampler == baseline or not w.pairs:
             continue
         cells.append(
             [
-                f"{100 * (1 - w.target):.2f}",
+                name(w.target),
                 w.sampler,
                 ratio_cell(w.speedup_gmean, w.speedup_ci_low, w.speedup_ci_high, w.speedup_bound),
                 ratio_cell(r.speedup_gmean, r.speedup_ci_low, r.speedup_ci_high, r.speedup_bound),
@@ -137,11 +155,9 @@ def drift_markdown(
         )
     if cells:
         lines += [
-            f"Speedup over {baseline} to each test accuracy, in seconds of train_time and in "
-            "steps of the reference workload (geometric mean over seeds [95% interval]):\n",
-            markdown_table(
-                ["test accuracy (%)", "sampler", "in seconds", "in reference steps"], cells
-            ),
+            f"Speedup over {baseline} to {what}, in seconds of train_time and in steps of the "
+            "reference workload (geometric mean over seeds [95% interval]):\n",
+            markdown_table([level, "sampler", "in seconds", "in reference steps"], cells),
             "",
         ]
     flagged = pairs[pairs["flagged"]]

@@ -122,6 +122,10 @@ def report(
         f"'vs {baseline}' = ratio of medians):\n\n"
         f"{equal_time_markdown(equal, baseline)}\n"
     )
+    from .drift import drift_markdown  # drift.py formats with this module's helpers
+
+    if drift := drift_markdown(runs, at, baseline, loss_targets=targets):
+        text += f"\n{drift}"
     if warning:
         text += f"\nWarning: {warning}.\n"
     if note := starved_note(runs):

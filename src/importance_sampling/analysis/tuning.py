@@ -394,7 +394,7 @@ def report(
             costs,
             "",
         ]
-    if drift := drift_markdown(runs, list(accuracies), at, baseline):
+    if drift := drift_markdown(runs, at, baseline, accuracies=list(accuracies)):
         text.append(drift)
     if warning:
         text.append(f"Warning: {warning}.\n")
