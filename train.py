@@ -17,28 +17,41 @@ line on stderr, starting with "error:"); 128 + the signal's number when SIGTERM 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+try:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
 
-from importance_sampling.config.builder import ConfigError, run  # noqa: E402
-from importance_sampling.config.launch import (  # noqa: E402
-    close_ranks,
-    launched_ranks,
-    shared_run_stamp,
-)
-from importance_sampling.config.schema import config_error_line  # noqa: E402
-from importance_sampling.engine.checkpoints import CheckpointError  # noqa: E402
-from importance_sampling.engine.data import DataError  # noqa: E402
-from importance_sampling.engine.stopping import TrainingStopped  # noqa: E402
-from importance_sampling.engine.trainer import TrainingError  # noqa: E402
+    from importance_sampling.config.builder import ConfigError, run
+    from importance_sampling.config.launch import close_ranks, launched_ranks, shared_run_stamp
+    from importance_sampling.config.schema import config_error_line
+    from importance_sampling.engine.checkpoints import CheckpointError
+    from importance_sampling.engine.data import DataError
+    from importance_sampling.engine.stopping import TrainingStopped
+    from importance_sampling.engine.trainer import TrainingError
+except ModuleNotFoundError as e:  # outside the venv: one line, not a traceback
+    sys.exit(
+        f"error: {sys.executable} has no module {e.name!r}: activate the project's venv "
+        "(source .venv/bin/activate) or run `make train`, which sets it up"
+    )
+
+
+def remove_if_empty(out_dir: str | Path) -> None:
+    """A run that failed before it wrote anything (bad input) leaves no folder behind: only
+    Hydra's files (.hydra/, train.log) were there."""
+    out = Path(out_dir)
+    if int(os.environ.get("RANK", 0)) > 0 or not out.is_dir():
+        return
+    if all(p.name in (".hydra", "train.log") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @hydra.main(
@@ -53,9 +66,11 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
         # One readable message instead of a stack trace; metrics so far are already on disk.
         print(f"error: {e}", file=sys.stderr)
+        remove_if_empty(out_dir)
         sys.exit(1)
     except OmegaConfBaseException as e:  # a value read while building, e.g. ${oc.env:UNSET}
         print(f"error: {config_error_line(e)}", file=sys.stderr)
+        remove_if_empty(out_dir)
         sys.exit(1)
     except TrainingStopped as e:  # SIGTERM / SIGUSR1: saved, to be resumed
         if int(os.environ.get("RANK", 0)) == 0:

@@ -306,7 +306,7 @@ def test_resume_says_what_it_does(tmp_path):
     assert (
         f"error: no checkpoint in {run_dir}: nothing to resume (trainer.resume=must)" in must.stderr
     )
-    assert not (run_dir / "metrics.csv").exists()
+    assert not run_dir.exists()  # a run that failed on bad input leaves no empty folder
     fresh = run_cli(
         *common,
         "trainer.max_steps=10",
@@ -316,8 +316,19 @@ def test_resume_says_what_it_does(tmp_path):
         cwd=tmp_path,
     )
     assert fresh.returncode == 0, fresh.stderr
-    assert f"no checkpoint in {run_dir}: starting a new run" in fresh.stdout + fresh.stderr
+    note = f"note: trainer.resume=true but {run_dir / 'checkpoint.pt'} does not exist"
+    assert any(line.startswith(note) for line in fresh.stderr.splitlines()), fresh.stderr
     resumed = run_cli(*common, "trainer.max_steps=15", "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 10" in resumed.stdout + resumed.stderr
     assert [int(r["step"]) for r in read_metrics(run_dir)] == [0, 5, 10, 15]
+
+
+def test_outside_the_venv_train_py_says_so_in_one_line():
+    """A Python without the packages (here: the venv's, without site-packages)."""
+    proc = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "train.py")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "venv" in lines[0], lines

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -245,6 +247,11 @@ def resume(trainer: Trainer) -> bool:
             f"no checkpoint in {trainer.out_dir}: nothing to resume (trainer.resume=must); "
             "run without it to start a new run"
         )
-    if trainer.resume and trainer.dist.is_main:
-        log.warning("no checkpoint in %s: starting a new run", trainer.out_dir)
+    if trainer.resume and trainer.dist.is_main:  # a line of its own, above any progress bar
+        tqdm.write(
+            f"note: trainer.resume=true but {path} does not exist: starting a new run "
+            "(a mistyped hydra.run.dir? trainer.resume=must refuses to start without one)",
+            file=sys.stderr,
+        )
+        log.info("no checkpoint in %s: starting a new run", trainer.out_dir)
     return False
