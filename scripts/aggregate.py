@@ -79,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = analysis.load(args.sweep)
         if args.experiment:
             runs = analysis.select_experiment(runs, args.experiment)
-        analysis.check_one_experiment(runs)
+        analysis.check_one_experiment(runs, args.sweep)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except analysis.MixedRunsError as e:
         print(
-            f"error: {args.sweep}: {e}. A comparison needs runs of one experiment: aggregate "
-            "each sweep folder on its own, or pick one with --experiment NAME.",
+            f"error: {args.sweep}: {e}. A comparison needs runs of one setting that differ in "
+            "sampler and seed only: aggregate each sweep folder on its own, or pick one "
+            "experiment with --experiment NAME.",
             file=sys.stderr,
         )
         return 1

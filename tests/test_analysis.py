@@ -320,6 +320,30 @@ def test_a_folder_of_several_experiments_is_refused_naming_them(sweep_dir, tmp_p
     assert pd.read_csv(out / "runs.csv")["run"].nunique() == 4
 
 
+def test_runs_that_differ_in_more_than_sampler_and_seed_are_never_pooled(
+    sweep_dir, tmp_path, capsys
+):
+    """Two sweeps of one preset with different budgets in one folder: refused, naming the
+    budget and how many runs have each; what may differ (sampler, seed, logger) is not named."""
+    aggregate = load_script("aggregate")
+    for i, run in enumerate(sorted(p for p in sweep_dir.iterdir() if p.is_dir())):
+        config = {"seed": i % 2, "sampler": {"name": run.name}, "logger": {"mode": str(i)}}
+        config["trainer"] = {"time_budget": 10.0 if i < 3 else 3.0, "progress": i == 0}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = analysis.collect_runs(sweep_dir)
+    with pytest.raises(analysis.MixedRunsError) as e:
+        analysis.check_one_experiment(runs, sweep_dir)
+    assert str(e.value) == (
+        "the runs differ in more than sampler and seed: trainer.time_budget (10.0: 3 runs, "
+        "3.0: 1 run)"
+    )
+    analysis.check_one_experiment(runs)  # without the folder: the configs are not read
+    out = tmp_path / "out"
+    assert aggregate.main([str(sweep_dir), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.time_budget" in err[0] and not out.exists()
+
+
 def test_at_after_every_run_warns_and_uses_the_end_of_the_shortest(sweep_dir, tmp_path, capsys):
     aggregate = load_script("aggregate")
 

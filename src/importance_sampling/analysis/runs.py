@@ -204,8 +204,50 @@ def setup_name(experiment=None, dataset=None, model=None) -> str:
     return inner or "unnamed"
 
 
-def check_one_experiment(runs: pd.DataFrame) -> None:
-    """Raise MixedRunsError naming every experiment when the runs come from more than one."""
+# what may differ between the runs of one comparison: the sampler and the seed, and what does not
+# change what is measured (where results are logged, checkpoints, the progress bar)
+FREE_KEYS = ("seed", "sampler", "logger", "data_dir", "trainer.progress", "trainer.resume")
+FREE_KEYS += ("trainer.checkpoint_every", "trainer.checkpoint_unit")
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if any(name == k or name.startswith(k + ".") for k in FREE_KEYS):
+            continue
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = repr(value)
+    return out
+
+
+def config_differences(runs: pd.DataFrame, root: str | Path) -> dict[str, dict[str, int]]:
+    """The config keys (other than FREE_KEYS) whose values differ between the runs under
+    ``root`` (from each run's .hydra/config.yaml): {key: {value: runs}}. Runs without a
+    config (a runs.csv) are not compared."""
+    values: dict[str, dict[str, int]] = {}
+    configs = []
+    for run in runs["run"].unique():
+        path = Path(root) / str(run) / ".hydra" / "config.yaml"
+        if path.is_file():
+            configs.append(_flat(_read_yaml(path)))
+    for key in sorted({k for c in configs for k in c}):
+        counts: dict[str, int] = {}
+        for config in configs:
+            value = config.get(key, "(unset)")
+            counts[value] = counts.get(value, 0) + 1
+        if len(counts) > 1:
+            values[key] = counts
+    return values
+
+
+def check_one_experiment(runs: pd.DataFrame, root: str | Path | None = None) -> None:
+    """Raise MixedRunsError naming every experiment when the runs come from more than one,
+    and, given the ``root`` they were read from, naming the settings they differ in when they
+    differ in anything but sampler and seed (a budget, a learning rate, the threads): such runs
+    are not one comparison."""
     found = setups(runs)
     if len(found) > 1:
         listed = "; ".join(
@@ -213,6 +255,15 @@ def check_one_experiment(runs: pd.DataFrame) -> None:
             for r in found.itertuples()
         )
         raise MixedRunsError(f"the runs come from {len(found)} experiments: {listed}")
+    if root is None or not (differences := config_differences(runs, root)):
+        return
+
+    def counted(counts: dict[str, int]) -> str:
+        return ", ".join(f"{value}: {plural(n, 'run')}" for value, n in counts.items())
+
+    listed = "; ".join(f"{k} ({counted(c)})" for k, c in list(differences.items())[:3])
+    more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+    raise MixedRunsError(f"the runs differ in more than sampler and seed: {listed}{more}")
 
 
 def select_experiment(runs: pd.DataFrame, name: str) -> pd.DataFrame:
