@@ -146,7 +146,7 @@ def plot_time_to_loss(
                 )
     ax.set_xticks(np.arange(len(targets)), labels or [f"{t:g}" for t in targets])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("train_time to reach it (s), median over seeds")
+    ax.set_ylabel("train_time to reach it (s): median over seeds, whiskers min-max")
     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
     ax.grid(alpha=0.3, axis="y")
     if legend:  # beside the axes: the bars fill the panel up to the longest budget
@@ -185,11 +185,16 @@ def figure(runs: pd.DataFrame, table: pd.DataFrame, title: str | None = None):
 
 
 def _curves_note():
-    """The legend's last entry: what the curves are (no line, a label)."""
+    """The legend's last entry: what the curves and the bars are (no line, a label): their bands
+    and whiskers are min-max over seeds, where the tables' ratios carry 95% intervals."""
     from matplotlib.lines import Line2D
 
     return Line2D(
-        [], [], lw=0, label="curves: median over seeds, band min-max, up to the shortest run's end"
+        [],
+        [],
+        lw=0,
+        label="curves: median over seeds, band min-max, up to the shortest run's end;\n"
+        "bars: median over seeds, whiskers min-max (not a 95% interval)",
     )
 
 

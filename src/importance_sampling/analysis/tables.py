@@ -116,6 +116,7 @@ def report(
         f"Time to reach a training loss (train_time, median [min, max] over "
         f"{plural(seeds, 'seed')}; "
         f"'> t': no run reached it within t s; speedup = t_{baseline} / t_sampler per seed, "
+        f"its median [min, max] over seeds, not a 95% interval; "
         f"'<' / '>': a bound, as some runs never reached the target):\n\n"
         f"{time_to_loss_markdown(table, baseline)}\n\n"
         f"At equal train_time = {equal['train_time'].iloc[0]:.1f} s (median [min, max] over seeds; "
