@@ -69,7 +69,8 @@ def step_section(presets: list[str], reps: int, overrides: list[str]) -> list[st
         "## The step",
         "",
         "uniform / bare: a uniform step of the trainer against the same step written as a plain "
-        "loop (indices, gather, augmentation, forward, loss, backward, optimizer step). "
+        "loop (indices, gather, augmentation, forward, loss, backward, optimizer step), both "
+        "timed warm (after an untimed uniform step of the same network) in alternating order. "
         "IS / (uniform + score): an importance step against a uniform step plus the sampler's "
         "scoring forward over B (1: the sampler adds nothing else). Scoring per point / "
         "training forward per point: the paper's cost model takes it as 1.",

@@ -70,21 +70,16 @@ class Budget:
             "epoch": max_epochs,
             "passes": max_passes,
         }
+        self._set = [(field, limit) for field, limit in self.limits.items() if limit is not None]
         self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
 
+    # spent, progress and row_due run before every step: the limits that are set are listed once
     def spent(self, clock: Clock) -> bool:
-        return any(
-            limit is not None and getattr(clock, field) >= limit
-            for field, limit in self.limits.items()
-        )
+        return any(getattr(clock, field) >= limit for field, limit in self._set)
 
     def progress(self, clock: Clock) -> float:
         """Fraction of the budget used: the largest of the time, step, epoch and pass fractions."""
-        fractions = [
-            getattr(clock, field) / limit
-            for field, limit in self.limits.items()
-            if limit is not None
-        ]
+        fractions = [getattr(clock, field) / limit for field, limit in self._set]
         return min(max(fractions, default=0.0), 1.0)
 
     def row_due(self, clock: Clock, last_row: dict) -> bool:

@@ -216,11 +216,10 @@ class Trainer:
         loss.backward()
         with autocast():
             sampler.update(chosen, logits.detach(), self.loss_fn, self.forward)
-        finite = torch.isfinite(loss.detach())
         if self.runtime.check_every_step:  # stop at the exact step, before the update
-            self._check_finite(finite, loss)
+            self._check_finite(math.isfinite(loss.item()), loss)  # a float: no tensor to build
         else:  # no host synchronisation: checked at the next metrics row
-            self._finite &= finite
+            self._finite &= torch.isfinite(loss.detach())
         self.optimizer.step()
         self.step += 1
         self.samples += len(chosen) * self.dist.world_size
@@ -228,11 +227,12 @@ class Trainer:
         self.steps_since_row += 1
         self.is_steps_since_row += chosen.importance
 
-    def _check_finite(self, loss_finite: Tensor, loss: Tensor | None = None) -> None:
+    def _check_finite(self, loss_finite: Tensor | bool, loss: Tensor | None = None) -> None:
         """Raise if the loss or the sampler's scores so far were not finite, on any rank (every
         rank then raises at the same step)."""
         if not self.dist.enabled and bool(loss_finite) and bool(self.sampler.finite):
             return  # one process: the flags are read where they are
+        loss_finite = torch.as_tensor(loss_finite, device=self.device)
         bad = torch.stack([~loss_finite, ~self.sampler.finite]).float()
         loss_bad, scores_bad = self.dist.all_reduce_(bad).tolist()
         if self.runtime.check_every_step:
