@@ -248,8 +248,8 @@ class ImportanceSampler(Sampler):
         score_chunk_size: points per scoring forward (per forward + backward for
             gradient_norm); None = b (per rank): a presample is scored in forwards of the training
             batch's size, so a scored point costs what a trained point's forward costs (one
-            forward over B = 3b points grows per point once its activations leave the cache:
-            on the Fashion-MNIST CNN, 384 points in one forward took 1.5x three forwards of 128).
+            forward over B = 3b points costs more per point once its activations leave the
+            cache; docs/benchmarks.md gives the measured figures and their command).
     """
 
     def __init__(
