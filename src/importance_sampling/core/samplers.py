@@ -450,6 +450,12 @@ class ImportanceSampler(Sampler):
             factor = 1.0 if chosen.weights is None else chosen.weights.detach()
             scores = self._recorder.squared_norms().sqrt() * len(chosen) / factor
         else:
+            if model is None and self.score == "gradient_norm":
+                raise ValueError(
+                    "the gradient-norm score needs the model after a uniform step: pass it, "
+                    "update(chosen, logits, loss_fn, model) (or train inside "
+                    "sampler.watch(model, chosen), which records the norms in the step's backward)"
+                )
             scores = self.scores(model, chosen.x, chosen.y, loss_fn, logits=logits)
         self.update_tau(scores)
 
