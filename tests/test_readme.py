@@ -5,6 +5,7 @@ import io
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -31,6 +32,45 @@ def test_own_loop_example_trains_and_prints_its_result():
     assert final < 0.1  # the rule is learnt
     assert scope["sampler"].tau > scope["sampler"].switch.threshold  # importance sampling on
     assert printed.startswith("training loss ") and f"{final:.4f}" in printed
+
+
+UPPER_BOUND = 'ImportanceSampler(score="upper_bound", batch_size=64)'
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        'ImportanceSampler(score="loss", batch_size=64)',
+        'ImportanceSampler(score="gradient_norm", batch_size=64)',
+        "OnlineBatchSampler(batch_size=64)",
+        "HistorySampler(batch_size=64)",
+        "InfoBatchSampler(batch_size=64)",
+    ],
+)
+def test_own_loop_example_runs_as_written_for_every_score_and_later_method(sampler):
+    own_loop = [b for b in python_blocks() if "importance_sampling" in b][0]
+    assert UPPER_BOUND in own_loop
+    baselines = (
+        "from importance_sampling.core.baselines import "
+        "HistorySampler, InfoBatchSampler, OnlineBatchSampler\n"
+    )
+    scope, printed = run(baselines + own_loop.replace(UPPER_BOUND, sampler))
+    with torch.no_grad():
+        final = torch.nn.functional.cross_entropy(scope["model"](scope["x"]), scope["y"]).item()
+    assert final < 0.3 and printed.startswith("training loss ")
+
+
+def test_the_gradient_norm_score_without_the_model_says_what_it_needs():
+    from importance_sampling import ImportanceSampler, Presample, cross_entropy
+
+    model = torch.nn.Linear(4, 3)
+    sampler = ImportanceSampler(score="gradient_norm", batch_size=8)
+    sampler.setup(64, seed=0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    chosen = sampler.select(model, Presample(x, y, torch.arange(8)), cross_entropy)
+    logits = model(chosen.x)
+    with pytest.raises(ValueError, match=r"needs the model after a uniform step: pass it"):
+        sampler.update(chosen, logits.detach(), cross_entropy)
 
 
 def test_the_pieces_alone_run_on_their_own_and_print():

@@ -197,10 +197,9 @@ def threads_for(threads, dist: Distributed, device: torch.device) -> int | None:
 
     ``auto`` (the default) leaves one core to the rest of the machine: torch's default minus
     one. Torch's threads wait for each other at every parallel operation, so a run that uses
-    every core stalls whenever one other process takes one of them (on 2 cores, measured: the
-    digits MLP did 369 steps in 5 s with 2 threads and a busy process beside it, 1,496 with 1
-    thread; alone, 1,843 and 1,500). With several ranks on the CPU each rank takes its share of
-    the cores (or the cores a cluster bound it to)."""
+    every core stalls whenever one other process takes one of them (docs/reliability.md has the
+    measurement). With several ranks on the CPU each rank takes its share of the cores (or the
+    cores a cluster bound it to)."""
     if threads is None or threads == "auto":
         if dist.enabled and device.type == "cpu":
             total = os.cpu_count() or 1

@@ -248,8 +248,8 @@ class ImportanceSampler(Sampler):
         score_chunk_size: points per scoring forward (per forward + backward for
             gradient_norm); None = b (per rank): a presample is scored in forwards of the training
             batch's size, so a scored point costs what a trained point's forward costs (one
-            forward over B = 3b points grows per point once its activations leave the cache:
-            on the Fashion-MNIST CNN, 384 points in one forward took 1.5x three forwards of 128).
+            forward over B = 3b points costs more per point once its activations leave the
+            cache; docs/benchmarks.md gives the measured figures and their command).
     """
 
     def __init__(
@@ -450,6 +450,12 @@ class ImportanceSampler(Sampler):
             factor = 1.0 if chosen.weights is None else chosen.weights.detach()
             scores = self._recorder.squared_norms().sqrt() * len(chosen) / factor
         else:
+            if model is None and self.score == "gradient_norm":
+                raise ValueError(
+                    "the gradient-norm score needs the model after a uniform step: pass it, "
+                    "update(chosen, logits, loss_fn, model) (or train inside "
+                    "sampler.watch(model, chosen), which records the norms in the step's backward)"
+                )
             scores = self.scores(model, chosen.x, chosen.y, loss_fn, logits=logits)
         self.update_tau(scores)
 
