@@ -402,7 +402,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_row(self, row)
         # the next rows due by seconds wait long enough for evaluation to keep its share of the
-        # wall time (trainer.eval_share); rank 0's figure, so every rank decides alike
+        # wall time (trainer.eval_share); the slowest rank's figure, so every rank decides alike
         seconds = time.perf_counter() - started
         self.budget.evaluated(self.dist.max_floats([seconds])[0] if self.dist.enabled else seconds)
         bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
