@@ -177,9 +177,17 @@ def test_equal_time_table_interpolates_every_run_at_the_same_train_time(sweep):
     text = analysis.equal_time_markdown(table.reset_index())
     # epochs: 0.2 + 0.1 / 5 (seed 0) and 0.1 + 0.1 / 3 (seed 1)
     assert (
-        "| upper_bound | 2 | 0.1833 [0.0000, 0.3667] | 0.27 | 1.83 [0.00, 3.67] | 0.27 | 0.18 |"
+        "| upper_bound | 2 | 0.1833 [0.000, 0.3667] | 0.27 | 1.83 [0.00, 3.67] | 0.27 | 0.18 |"
         in text
     )
+    # a loss far below 1e-4 keeps its digits (it printed as 0.0000 beside a ratio of 3.08)
+    from importance_sampling.analysis.tables import LOSS
+
+    assert [analysis.fmt(x, LOSS) for x in (2.513e-05, 0.2016, 1.0)] == [
+        "2.513e-05",
+        "0.2016",
+        "1.000",
+    ]
 
 
 def test_equal_time_defaults_to_the_end_of_the_shortest_run(sweep):

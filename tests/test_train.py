@@ -79,6 +79,46 @@ def test_time_budget_stops_the_run(compose, tmp_path):
     assert times == sorted(times) and len(times) >= 4
 
 
+def test_rows_due_by_seconds_wait_for_evaluation_to_keep_its_share():
+    from importance_sampling.engine.budget import Budget, Clock
+
+    start = {"step": 0, "train_time": 0.0}
+    budget = Budget(time_budget=60, eval_every_seconds=1.0, eval_every_steps=50, eval_share=0.25)
+    assert budget.row_due(Clock(train_time=1.0), start)
+    budget.evaluated(2.0)  # a row took 2 s: the next after 6 s of steps (2 s of 8: a quarter)
+    assert not budget.row_due(Clock(train_time=5.9, step=10), start)
+    assert budget.row_due(Clock(train_time=6.0, step=10), start)
+    assert budget.row_due(Clock(train_time=0.1, step=50), start)  # by steps: never delayed
+    budget.evaluated(0.1)  # cheap again: the cadence rules
+    assert budget.row_due(Clock(train_time=1.0), start)
+    fixed = Budget(time_budget=60, eval_every_seconds=1.0, eval_share=None)
+    fixed.evaluated(100.0)
+    assert fixed.row_due(Clock(train_time=1.0), start)
+    with pytest.raises(ValueError, match=r"trainer.eval_share must be in \(0, 1\) or null"):
+        Budget(eval_share=1.5)
+
+
+def test_evaluation_keeps_its_share_of_the_wall_time_by_default(compose, tmp_path):
+    """Rows asked for every 10 ms: by default evaluation still takes about a quarter of the
+    wall time; with eval_share=null every row comes, and evaluation takes more."""
+    from importance_sampling.config import builder
+
+    summaries, rows = {}, {}
+    for share in ("0.25", "null"):
+        cfg = compose(
+            "trainer.time_budget=1",
+            "trainer.eval_every_seconds=0.01",
+            f"trainer.eval_share={share}",
+            "trainer.progress=false",
+            "trainer.train_eval_size=null",
+        )
+        summaries[share] = builder.run(cfg, tmp_path / share)
+        rows[share] = read_metrics(tmp_path / share)
+        assert all(float(r["eval_seconds"]) > 0 for r in rows[share])
+    assert summaries["0.25"]["eval_fraction"] < 0.35 < summaries["null"]["eval_fraction"]
+    assert len(rows["0.25"]) < len(rows["null"])
+
+
 def test_the_evaluation_batch_size_changes_the_speed_not_the_metrics(compose, tmp_path):
     from importance_sampling.config import builder
 

@@ -312,21 +312,24 @@ def equal_time_table(
 
 
 # ---------------------------------------------------------------- curves over seeds
-def curves(runs: pd.DataFrame, metric: str, points: int = 200) -> pd.DataFrame:
+def curves(runs: pd.DataFrame, metric: str, points: int | None = None) -> pd.DataFrame:
     """Per sampler, ``metric`` on a common train_time grid: median, min and max over its runs.
 
-    Each run is interpolated on the grid up to its own last row, and a sampler's curve stops at
-    its shortest run's end: past it the median would be over fewer seeds than before (runs of
-    one budget end a few milliseconds apart), and a curve that falls back on the last seed
-    alone draws a jump that no run made."""
-    grid = np.linspace(0.0, runs["train_time"].max(), points)
+    The grid is the train_time of the metrics rows of the sampler's first run (``points``: an
+    even grid of that many points instead), so a curve has a point where a row was measured and
+    nowhere else: a line drawn through the points joins measurements, without interpolated
+    points that a log axis would bend. Each run is interpolated on the grid up to its own last
+    row (the rows of one cadence fall at nearly the same train_time in every run), and a
+    sampler's curve stops at its shortest run's end: past it the median would be over fewer
+    seeds than before (runs of one budget end a few milliseconds apart), and a curve that falls
+    back on the last seed alone draws a jump that no run made."""
+    even = np.linspace(0.0, runs["train_time"].max(), points) if points else None
     out = []
     for sampler in samplers_in_order(runs["sampler"]):
+        mine = list(_by_run(runs[runs["sampler"] == sampler]))
+        grid = even if even is not None else mine[0][1]["train_time"].to_numpy(dtype=float)
         per_run = np.array(
-            [
-                [value_at(rows["train_time"], rows[metric], t) for t in grid]
-                for _, rows in _by_run(runs[runs["sampler"] == sampler])
-            ]
+            [[value_at(rows["train_time"], rows[metric], t) for t in grid] for _, rows in mine]
         )
         keep = ~np.any(np.isnan(per_run), axis=0)  # where every run has data
         with np.errstate(all="ignore"):

@@ -14,6 +14,7 @@ from .styles import plain_log_ticks, sampler_style
 # ---------------------------------------------------------------- figures
 # Every sampler keeps one colour, line style and marker in every figure (styles.py).
 CENSORED_HATCH = "////"
+FEW_SEEDS = 3  # up to this many seeds, curves show each seed rather than a min-max band
 
 
 def _seeds_label(runs: pd.DataFrame, sampler: str) -> str:
@@ -42,7 +43,10 @@ def plot_curves(
     focus: bool = False,
     legend: bool = True,
 ):
-    """``metric`` against train_time: the median over seeds per sampler and a min-max band.
+    """``metric`` against train_time: the median over seeds per sampler at the metrics rows, and
+    the spread of the seeds: with up to ``FEW_SEEDS`` seeds each seed's own curve, thin (a band
+    between two or three crossing curves reads as noise, not as a range), with more a min-max
+    band.
 
     ``scale`` multiplies the values (100: a rate in %); ``focus`` zooms the y-axis past the first
     10% of train_time (see ``focus_range``) and says so in the panel's title."""
@@ -59,11 +63,26 @@ def plot_curves(
             c["median"],
             lw=1.8,
             ms=4,
-            markevery=0.1,
+            markevery=max(1, len(c) // 10),
             label=_seeds_label(runs, sampler),
             **style,
         )
-        ax.fill_between(c["train_time"], c["min"], c["max"], color=style["color"], alpha=0.15, lw=0)
+        mine = runs[runs["sampler"] == sampler]
+        if mine["run"].nunique() <= FEW_SEEDS:
+            end = c["train_time"].max()
+            for _, rows in mine.groupby("run", sort=False):
+                rows = rows[rows["train_time"] <= end].sort_values("train_time")
+                ax.plot(
+                    rows["train_time"],
+                    scale * rows[metric],
+                    color=style["color"],
+                    lw=0.7,
+                    alpha=0.45,
+                )
+        else:
+            ax.fill_between(
+                c["train_time"], c["min"], c["max"], color=style["color"], alpha=0.15, lw=0
+            )
     if log:
         ax.set_yscale("log")
         plain_log_ticks(ax)
@@ -193,7 +212,8 @@ def _curves_note():
         [],
         [],
         lw=0,
-        label="curves: median over seeds, band min-max, up to the shortest run's end;\n"
+        label="curves: median over seeds at the metrics rows, thin lines each seed (band: "
+        f"min-max over more than {FEW_SEEDS}), up to the shortest run's end;\n"
         "bars: median over seeds, whiskers min-max (not a 95% interval)",
     )
 

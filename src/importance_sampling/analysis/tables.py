@@ -14,6 +14,11 @@ from .runs import RUNS_CSV, plural, starved_note
 
 
 # ---------------------------------------------------------------- tables
+# losses keep 4 significant digits whatever their scale (0.2016, 2.513e-05): a fixed number of
+# decimals prints a loss that has fallen below 1e-4 as 0.0000 beside a ratio that says otherwise
+LOSS = "#.4g"
+
+
 def fmt(x: float, spec: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -75,8 +80,8 @@ def equal_time_markdown(table: pd.DataFrame, baseline: str = "uniform") -> str:
             [
                 r["sampler"],
                 str(r["runs"]),
-                f"{fmt(r['train_loss_median'], '.4f')} [{fmt(r['train_loss_min'], '.4f')}, "
-                f"{fmt(r['train_loss_max'], '.4f')}]",
+                f"{fmt(r['train_loss_median'], LOSS)} [{fmt(r['train_loss_min'], LOSS)}, "
+                f"{fmt(r['train_loss_max'], LOSS)}]",
                 fmt(r[f"train_loss_vs_{baseline}"], ".2f"),
                 f"{fmt(100 * r['test_error_median'], '.2f')} [{fmt(100 * r['test_error_min'], '.2f')}, "
                 f"{fmt(100 * r['test_error_max'], '.2f')}]",

@@ -51,7 +51,7 @@ from .runs import (
 from .runs import title as runs_title
 from .styles import sampler_style
 from .switch import cost_markdown, plot_switch
-from .tables import fmt, markdown_table, ratio_cell, time_to_loss_markdown
+from .tables import LOSS, fmt, markdown_table, ratio_cell, time_to_loss_markdown
 
 SELECT_BY = {  # criterion -> the columns of selection_table compared, in order (ties: the next)
     "error": ("val_error", "val_loss"),
@@ -302,7 +302,7 @@ def report(
                 s,
                 f"{r['lr']:g}",
                 r["lr_schedule"],
-                _pm(r["train_loss_median"], r["train_loss_min"], r["train_loss_max"], ".4f"),
+                _pm(r["train_loss_median"], r["train_loss_min"], r["train_loss_max"], LOSS),
                 "–"
                 if s == baseline
                 else ratio_cell(
@@ -668,8 +668,8 @@ def partial_markdown(
                         r.status + (" (STARVED)" if r.starved else ""),
                         f"{r.train_time:.0f}",
                         f"{100 * r.val_error:.2f}",
-                        f"{r.val_loss:.4f}",
-                        f"{r.train_loss:.4f}",
+                        fmt(r.val_loss, LOSS),
+                        fmt(r.train_loss, LOSS),
                         f"{r.run_machine_share:.3f}",
                     ]
                     for r in selection.itertuples()
@@ -687,7 +687,7 @@ def partial_markdown(
                     last["status"],
                     f"{last['train_time']:.0f}",
                     f"{100 * last['test_error']:.2f}",
-                    f"{last['train_loss']:.4f}",
+                    fmt(last["train_loss"], LOSS),
                     f"{last.get('run_machine_share', math.nan):.3f}",
                     f"{last.get('run_reference_ms', math.nan):.2f}",
                 ]

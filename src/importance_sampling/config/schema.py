@@ -43,6 +43,7 @@ class TrainerConf:
     max_passes: float | None = M
     eval_every_seconds: float | None = M
     eval_every_steps: int | None = M
+    eval_share: float | None = M
     train_eval_size: int | None = M
     eval_batch_size: int | None = M
     amp: Any = one_of("auto", bool)

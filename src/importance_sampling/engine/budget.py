@@ -37,7 +37,13 @@ def _check(name: str, value, allow_none: bool = True) -> None:
 class Budget:
     """Stop after ``time_budget`` seconds of train_time, ``max_steps`` steps, ``max_epochs``
     epochs or ``max_passes`` passes, whichever comes first; a metrics row every
-    ``eval_every_seconds`` of train_time or ``eval_every_steps`` steps, whichever comes first."""
+    ``eval_every_seconds`` of train_time or ``eval_every_steps`` steps, whichever comes first.
+
+    ``eval_share`` bounds the wall time spent evaluating: a row due by seconds waits until the
+    steps since the last row took at least (1 - share) / share times what that row's evaluation
+    took (``evaluated``), so evaluation takes at most about that share of the run's wall time
+    and a run takes about time_budget / (1 - share). None: the cadence alone (the timed
+    comparisons' presets fix theirs). A row due by steps is never delayed."""
 
     def __init__(
         self,
@@ -47,6 +53,7 @@ class Budget:
         max_passes: float | None = None,
         eval_every_seconds: float | None = 1.0,
         eval_every_steps: int | None = None,
+        eval_share: float | None = 0.25,
     ):
         for name, value in [
             ("time_budget", time_budget),
@@ -64,6 +71,12 @@ class Budget:
             )
         if eval_every_seconds is None and eval_every_steps is None:
             raise ValueError("set trainer.eval_every_seconds or trainer.eval_every_steps")
+        if eval_share is not None and (
+            isinstance(eval_share, bool)
+            or not isinstance(eval_share, int | float)
+            or not 0 < eval_share < 1
+        ):
+            raise ValueError(f"trainer.eval_share must be in (0, 1) or null, got {eval_share!r}")
         self.limits = {  # Clock field -> limit
             "train_time": time_budget,
             "step": max_steps,
@@ -72,6 +85,15 @@ class Budget:
         }
         self._set = [(field, limit) for field, limit in self.limits.items() if limit is not None]
         self.eval_every_seconds, self.eval_every_steps = eval_every_seconds, eval_every_steps
+        self.eval_share = eval_share
+        self.gap = eval_every_seconds  # seconds of train_time between rows due by seconds
+
+    def evaluated(self, seconds: float) -> None:
+        """A row's evaluation took ``seconds`` of wall time: the next rows due by seconds come
+        no sooner than ``eval_share`` allows."""
+        if self.eval_share is not None and self.eval_every_seconds is not None:
+            least = seconds * (1 - self.eval_share) / self.eval_share
+            self.gap = max(self.eval_every_seconds, least)
 
     # spent, progress and row_due run before every step: the limits that are set are listed once
     def spent(self, clock: Clock) -> bool:
@@ -86,10 +108,7 @@ class Budget:
         return (
             self.eval_every_steps is not None
             and clock.step - last_row["step"] >= self.eval_every_steps
-        ) or (
-            self.eval_every_seconds is not None
-            and clock.train_time - last_row["train_time"] >= self.eval_every_seconds
-        )
+        ) or (self.gap is not None and clock.train_time - last_row["train_time"] >= self.gap)
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")

@@ -41,6 +41,7 @@ METRICS_COLUMNS = (
     "machine_share",  # share of the time the run's threads were ready that they ran (machine.py)
     "steal",  # share of the CPUs' time the hypervisor gave to other machines meanwhile (machine.py)
     "reference_ms",  # ms of one step of the fixed reference workload, now (reference.py)
+    "eval_seconds",  # wall seconds this row's evaluation took (outside train_time)
 )  # then the sampler's own columns, if any (Sampler.metrics(): e.g. the measured tau_threshold)
 
 
@@ -91,9 +92,13 @@ class ProgressBar(Callback):
 
     def __init__(self, total: float, unit_is_time: bool, desc: str):
         self.unit_is_time = unit_is_time
+        # n counts seconds of training (or steps); elapsed and remaining are wall time,
+        # evaluation included (tqdm's rate is n per wall second)
+        unit = "s of training" if unit_is_time else "steps"
         self.bar = tqdm(
             total=total,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} " + unit
+            + " [wall {elapsed}, ~{remaining} left{postfix}]",
             desc=desc,
         )
 

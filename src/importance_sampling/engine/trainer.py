@@ -366,6 +366,7 @@ class Trainer:
         return self.dist.max_floats([ms])[0] if self.dist.enabled else ms
 
     def _row(self) -> dict:
+        started = time.perf_counter()
         share, steal = self._machine_shares()
         reference_ms = self._reference_ms()
         train_loss, train_error = evaluate(
@@ -392,12 +393,18 @@ class Trainer:
             "machine_share": share,
             "steal": steal,
             "reference_ms": reference_ms,
+            # wall seconds of this row's evaluation (and reference steps): outside train_time
+            "eval_seconds": time.perf_counter() - started,
             **self.sampler.metrics(),
         }
         self.steps_since_row = self.is_steps_since_row = 0
         self.rows.append(row)
         for callback in self.callbacks:
             callback.on_row(self, row)
+        # the next rows due by seconds wait long enough for evaluation to keep its share of the
+        # wall time (trainer.eval_share); the slowest rank's figure, so every rank decides alike
+        seconds = time.perf_counter() - started
+        self.budget.evaluated(self.dist.max_floats([seconds])[0] if self.dist.enabled else seconds)
         bad = [k for k in ("train_loss", "test_loss") if not math.isfinite(row[k])]
         if bad:  # the model is broken: stop, and never checkpoint it
             raise TrainingError(
@@ -440,6 +447,9 @@ class Trainer:
                 "steal": self.steal,
                 # the machine's speed over the run: the median over its rows (reference.py)
                 "reference_ms": _median([r.get("reference_ms", math.nan) for r in self.rows]),
+                # the share of the run's wall time spent in metrics rows (trainer.eval_share)
+                "eval_fraction": sum(r.get("eval_seconds", 0.0) for r in self.rows)
+                / max(self.wall_time(), 1e-9),
             }
         )
         for callback in self.callbacks:
