@@ -43,7 +43,7 @@ def agent_sweep(tmp_path_factory):
         param_file.parent.mkdir(parents=True, exist_ok=True)
         param_file.write_text(yaml.safe_dump({k: {"value": v} for k, v in params.items()}))
         values = {
-            "env": [],  # /usr/bin/env: the environment below is the agent's
+            "env": ["/usr/bin/env"] if Path("/usr/bin/env").exists() else [],
             "interpreter": [sys.executable],
             "program": [str(ROOT / definition["program"])],
             "args_no_hyphens": args["args_no_hyphens"],
