@@ -106,7 +106,20 @@ def prepare_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
+def agent_run_dir() -> None:
+    """A job that ``wandb agent`` started (WANDB_SWEEP_ID and WANDB_RUN_ID in its environment)
+    writes its run directory under one folder per sweep, as a Hydra multirun does:
+    multirun/wandb-<sweep id>/<sampler>_seed<seed>_<run id>/ (unless hydra.run.dir is given), so
+    that SWEEP_DIR=multirun/wandb-<sweep id> selects that sweep's runs and nothing else."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not (sweep and run) or any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+        return
+    name = "${hydra:runtime.choices.sampler}_seed${seed}_" + run
+    sys.argv.append(f"hydra.run.dir=multirun/wandb-{sweep}/{name}")
+
+
 if __name__ == "__main__":
     prepare_ranks()
+    agent_run_dir()
     main_with_one_line_errors()  # an error exits here: no goodbye with ranks that may be elsewhere
     close_ranks()

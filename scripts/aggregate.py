@@ -3,12 +3,16 @@
     python scripts/aggregate.py multirun/2026-01-01_12-00-00          # files into that folder
     python scripts/aggregate.py multirun/... --targets 0.3 0.2 --at 60 --baseline uniform
     python scripts/aggregate.py results/fashion_mnist_mlp/runs.csv    # redraw from a runs.csv
+    python scripts/aggregate.py --wandb multirun/wandb-<sweep id>       # its offline W&B runs
+    python scripts/aggregate.py --wandb <entity>/<project>/<sweep id>   # from W&B's servers
 
 Writes runs.csv (one row per run and evaluation), time_to_loss.csv, equal_time.csv, table.md and
 figure.png to --out; by default into the sweep directory itself, or, for a runs.csv (e.g. a
 committed reference result), into outputs/aggregate/<its folder's name>/: a reference result is
-only overwritten when --out names it. Runs of different experiments (preset, dataset or model) are
-not mixed in one comparison: --experiment picks one. See importance_sampling.analysis.
+only overwritten when --out names it; for --wandb, into outputs/aggregate/wandb-<sweep id>/.
+Runs of different experiments (preset, dataset or model) are not mixed in one comparison:
+--experiment picks one; runs of one sweep folder that differ in anything but sampler and seed
+are refused. See importance_sampling.analysis.
 """
 
 from __future__ import annotations
@@ -41,7 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "sweep", type=Path, help="a sweep directory (runs with metrics.csv) or a runs.csv"
+        "sweep",
+        type=Path,
+        nargs="?",
+        help="a sweep directory (runs with metrics.csv) or a runs.csv",
+    )
+    parser.add_argument(
+        "--wandb",
+        metavar="SWEEP",
+        default=None,
+        help="read a W&B sweep instead: a folder of its offline runs (offline-run-*), or "
+        "<entity>/<project>/<sweep id> through W&B's API (needs wandb login and the network)",
     )
     parser.add_argument(
         "--out",
@@ -74,18 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         "--title", default=None, help="figure and table title (default: from the runs' data)"
     )
     args = parser.parse_args(argv)
+    if (args.sweep is None) == (args.wandb is None):
+        parser.error("give a sweep directory or --wandb SWEEP (one of the two)")
 
+    source = Path(args.wandb.rstrip("/")) if args.wandb else args.sweep
     try:
-        runs = analysis.load(args.sweep)
+        runs = analysis.load_wandb(args.wandb) if args.wandb else analysis.load(args.sweep)
         if args.experiment:
             runs = analysis.select_experiment(runs, args.experiment)
-        analysis.check_one_experiment(runs, args.sweep)
-    except FileNotFoundError as e:
+        analysis.check_one_experiment(runs, None if args.wandb else args.sweep)
+    except (FileNotFoundError, analysis.WandbUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except analysis.MixedRunsError as e:
         print(
-            f"error: {args.sweep}: {e}. A comparison needs runs of one setting that differ in "
+            f"error: {source}: {e}. A comparison needs runs of one setting that differ in "
             "sampler and seed only: aggregate each sweep folder on its own, or pick one "
             "experiment with --experiment NAME.",
             file=sys.stderr,
@@ -94,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     at, warning = analysis.equal_time_at(runs, args.at)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    out = args.out or default_out(args.sweep)
+    if args.wandb:
+        out = args.out or ROOT / "outputs" / "aggregate" / f"wandb-{source.name}"
+    else:
+        out = args.out or default_out(args.sweep)
     title = args.title or analysis.title(runs)
     paths = analysis.save(runs, out, args.targets, at, args.baseline, title)
     n = runs["run"].nunique()

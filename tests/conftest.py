@@ -66,6 +66,7 @@ FIRST = [
     "test_readme_commands.py::TestCommandsOf_experiments",
     "test_readme_commands.py::TestCommandsOf_README",
     "test_tuned_comparison.py",
+    "test_wandb_sweep.py",
     "test_distributed.py",
     "test_readme_commands.py::TestCommandsOf_benchmarks",
     "test_readme_commands.py::TestCommandsOf_scale_out",

@@ -47,6 +47,11 @@ SKIP = [  # (pattern, reason)
     ),
     (r"^jupyter lab\b", "interactive: opens a browser"),
     (r"^wandb |WANDB_MODE=online|logger\.mode=online", "needs a W&B account and the internet"),
+    (
+        r"wandb-<sweep id>|--wandb |WANDB_SWEEP=",
+        "a W&B sweep's folder or its API path: tests/test_wandb_sweep.py runs a sweep as the agent "
+        "does and reads it back these ways",
+    ),
     (r"device=cuda|--scale gpu|nproc_per_node=8|--nnodes", "needs GPUs or several nodes"),
     (r"experiment=(cifar10|cifar100)_wrn(?!.*scale=cpu)", "needs the CIFAR download and a GPU"),
     (r"experiment=finetune_resnet(?!.*scale=cpu)", "needs MIT67 or ImageNet and GPUs"),

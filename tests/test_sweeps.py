@@ -5,7 +5,6 @@ import itertools
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -88,36 +87,14 @@ def test_wandb_sweep_definitions_are_valid_hydra_overrides(path, compose):
 def read_wandb_records(run_dir: Path, timeout: float = 60.0) -> dict[str, list]:
     """The records of an offline W&B run, once its service has written them all (the run's exit
     record): wandb's service process may still be writing when wandb.finish() returns."""
+    from importance_sampling.analysis.wandb_runs import read_records
+
     deadline = time.monotonic() + timeout
     while True:
-        records = parse_wandb_file(run_dir)
+        records = read_records(run_dir)
         if "exit" in records or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
-
-
-def parse_wandb_file(run_dir: Path) -> dict[str, list]:
-    """The records of an offline W&B run's .wandb file, a LevelDB-style log of protobufs (wandb
-    0.31 ships no Python reader of its own: the one it had went with its Go service)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = run_dir.glob("*.wandb")
-    data, pos, block, records, chunk = path.read_bytes(), 7, 32768, {}, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = chunk + data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # full or last fragment
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            which = record.WhichOneof("record_type")
-            records.setdefault(which, []).append(getattr(record, which))
-            chunk = b""
-        elif kind == 0:
-            break
-    return records
 
 
 def history(records: dict) -> list[dict]:

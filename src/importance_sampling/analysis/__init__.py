@@ -2,6 +2,8 @@
 figures (pandas, matplotlib, scipy). Reads files only: no other layer of the package is imported.
 
 runs.py      run directories -> one tidy DataFrame (one row per run and evaluation)
+wandb_runs.py  a W&B sweep's runs (offline files or the API) -> the same DataFrame
+drift.py     did the machine keep its speed between the runs of a pair (reference workload)
 compare.py   time to loss or accuracy, speedups with intervals, values at equal train_time
 figures.py   training loss and test error against train_time; time-to-loss bars
 tables.py    markdown tables, and a comparison's report files (aggregate.py, time_to_loss.py)
@@ -56,6 +58,7 @@ from .runs import (  # noqa: F401
     newest_sweep,
     plural,
     read_run,
+    run_table,
     samplers_in_order,
     select_experiment,
     setup_name,
@@ -74,3 +77,4 @@ from .tables import (  # noqa: F401
     save,
     time_to_loss_markdown,
 )
+from .wandb_runs import WandbUnavailable, collect_offline, load_wandb  # noqa: F401

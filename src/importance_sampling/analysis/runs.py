@@ -44,22 +44,30 @@ def _read_yaml(path: Path) -> dict:
 
 
 def read_run(run_dir: str | Path, root: str | Path | None = None) -> pd.DataFrame:
-    """One run's metrics.csv with the columns that name it (RUN_COLUMNS) in front.
-
-    Names come from the run's Hydra files (the group choices, e.g. sampler=upper_bound) and fall
-    back on summary.json, except ``dataset``: summary.json's name of the data actually used
-    (``pixel_fashion_mnist`` for dataset=pixel_mnist dataset.images=fashion_mnist) comes first.
-    ``run`` is the directory relative to ``root``.
-    """
+    """One run's metrics.csv with the columns that name it (RUN_COLUMNS) in front
+    (``run_table``); ``run`` is the directory relative to ``root``."""
     run_dir = Path(run_dir)
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
     choices = _read_yaml(run_dir / ".hydra" / "hydra.yaml").get("hydra", {}).get("runtime", {})
     choices = choices.get("choices", {}) or {}
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    name = str(run_dir.relative_to(root)) if root is not None else str(run_dir)
+    return run_table(name, pd.read_csv(run_dir / "metrics.csv"), config, choices, summary)
+
+
+def run_table(
+    run: str, metrics: pd.DataFrame, config: dict, choices: dict, summary: dict
+) -> pd.DataFrame:
+    """The one conversion of a run, however it was read (its directory, an offline W&B run,
+    W&B's API: wandb_runs.py): its metrics rows with the columns that name it (RUN_COLUMNS) in
+    front. Names come from the Hydra group choices (e.g. sampler=upper_bound) and fall back on
+    the summary, except ``dataset``: the summary's name of the data actually used
+    (``pixel_fashion_mnist`` for dataset=pixel_mnist dataset.images=fashion_mnist) comes first.
+    """
+    metrics = metrics.copy()
     names = {
-        "run": str(run_dir.relative_to(root)) if root is not None else str(run_dir),
+        "run": run,
         "experiment": choices.get("experiment"),
         "dataset": summary.get("dataset") or choices.get("dataset"),
         "model": choices.get("model"),

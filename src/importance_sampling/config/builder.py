@@ -34,9 +34,11 @@ from ..engine.budget import Budget, LRSchedule
 from ..engine.callbacks import Callback
 from ..engine.data import DataError, StreamingDataset, TensorDataset, hold_out_validation
 from ..engine.machine import starved_warning
+from ..engine.outputs import SummaryFile
 from ..engine.runtime import Runtime, resolve_device
 from ..engine.sources import LoaderOptions
 from ..engine.trainer import Trainer
+from ..engine.wandb_logger import sweep_ids
 from .launch import init_distributed
 from .schema import ConfigCheckError, check_config
 
@@ -183,7 +185,11 @@ def make_callbacks(cfg: DictConfig, out_dir: str | Path) -> list[Callback]:
                 out_dir=str(out_dir),
                 seed=cfg.seed,
                 group=cfg.logger.group or choices.get("experiment"),
-                run_config=OmegaConf.to_container(cfg, resolve=True),
+                # the group choices name the run in the analysis (analysis/wandb_runs.py)
+                run_config={
+                    **OmegaConf.to_container(cfg, resolve=True),
+                    "hydra_choices": {k: v for k, v in choices.items() if v is not None},
+                },
             )
         )
     return callbacks
@@ -286,6 +292,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Build everything from ``cfg``, train, and return the summary (also in out_dir)."""
     trainer = build_trainer(cfg, out_dir)
     summary = trainer.fit()
+    if trainer.dist.is_main and (ids := sweep_ids()):  # a job of `wandb agent`: say which
+        summary.update(wandb_sweep_id=ids[0], wandb_run_id=ids[1])
+        SummaryFile(Path(out_dir) / "summary.json").on_end(trainer, summary)
     if trainer.dist.is_main:
         print(format_summary(summary, out_dir))
         if warning := starved_warning(summary):

@@ -36,6 +36,20 @@ def resolve_mode(mode: str | None) -> str:
     return mode
 
 
+def sweep_ids() -> tuple[str, str] | None:
+    """(sweep id, run id) of a job that ``wandb agent`` started (it sets both variables in the
+    job's environment); None otherwise."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return (sweep, run) if sweep and run else None
+
+
+def run_name(sampler: str, seed: int | None) -> str:
+    """``<sampler>_seed<seed>``, and ``_<run id>`` in a W&B sweep: the name of the W&B run and
+    of the job's folder under ``multirun/wandb-<sweep id>/`` (train.py)."""
+    ids = sweep_ids()
+    return f"{sampler}_seed{seed}" + (f"_{ids[1]}" if ids else "")
+
+
 class WandbLogger(Callback):
     """Logs the resolved config, every metrics row (against ``train_time``) and the summary.
 
@@ -83,7 +97,7 @@ class WandbLogger(Callback):
             entity=self.entity,
             group=group,
             job_type="train",
-            name=f"{sampler}_seed{self.seed}",
+            name=run_name(sampler, self.seed),
             tags=[f"sampler={sampler}", f"seed={self.seed}", *self.tags],
             config={**self.config, "run_dir": str(self.out_dir)},
             dir=str(self.dir),
