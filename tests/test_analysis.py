@@ -419,13 +419,20 @@ def test_the_figure_draws_each_sampler_in_its_style_and_hatches_censored_bars(sw
     table = analysis.speedup(analysis.time_to_loss(sweep, [0.5, 0.01]))
     fig = analysis.figure(sweep, table, "title")
     loss_ax, error_ax, bars_ax = fig.axes[:3]
-    for line in loss_ax.get_lines():
+    medians = [line for line in loss_ax.get_lines() if not line.get_label().startswith("_")]
+    for line in medians:
         sampler = line.get_label().split(" (")[0]
         assert to_rgba(line.get_color()) == to_rgba(sampler_style(sampler)["color"])
-    assert {line.get_label() for line in loss_ax.get_lines()} == {
+    assert {line.get_label() for line in medians} == {
         "uniform (2 seeds)",
         "loss (2 seeds)",
         "upper_bound (2 seeds)",
+    }
+    # two seeds: each seed's own thin line in its sampler's colour, no band
+    seeds = [line for line in loss_ax.get_lines() if line.get_label().startswith("_")]
+    assert len(seeds) == 6 and not loss_ax.collections
+    assert {to_rgba(line.get_color()) for line in seeds} == {
+        to_rgba(sampler_style(s)["color"]) for s in ("uniform", "loss", "upper_bound")
     }
     # target 0.01: no uniform run reaches it (a hatched bar in uniform's colour); loss and
     # upper_bound reach it on seed 0 only, as loss does 0.5: three "1/2" labels

@@ -31,7 +31,7 @@ THIRD_PARTY = {  # layer -> the third-party packages its modules may import (bes
     "core": {"torch", "numpy"},
     "engine": {"torch", "numpy", "torchvision", "PIL", "sklearn", "scipy", "tqdm", "wandb"},
     "config": {"torch", "hydra", "omegaconf", "yaml", "tqdm", "submitit"},
-    "analysis": {"numpy", "pandas", "matplotlib", "scipy", "yaml"},
+    "analysis": {"numpy", "pandas", "matplotlib", "scipy", "yaml", "wandb"},  # wandb: load_wandb
 }
 
 

@@ -12,7 +12,6 @@ from .compare import default_targets, equal_time_at, equal_time_table, speedup, 
 from .figures import figure
 from .runs import RUNS_CSV, plural, starved_note
 
-
 # ---------------------------------------------------------------- tables
 # losses keep 4 significant digits whatever their scale (0.2016, 2.513e-05): a fixed number of
 # decimals prints a loss that has fallen below 1e-4 as 0.0000 beside a ratio that says otherwise

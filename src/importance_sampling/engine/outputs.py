@@ -97,7 +97,8 @@ class ProgressBar(Callback):
         unit = "s of training" if unit_is_time else "steps"
         self.bar = tqdm(
             total=total,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} " + unit
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} "
+            + unit
             + " [wall {elapsed}, ~{remaining} left{postfix}]",
             desc=desc,
         )
