@@ -89,6 +89,8 @@ def test_rows_due_by_seconds_wait_for_evaluation_to_keep_its_share():
     assert not budget.row_due(Clock(train_time=5.9, step=10), start)
     assert budget.row_due(Clock(train_time=6.0, step=10), start)
     assert budget.row_due(Clock(train_time=0.1, step=50), start)  # by steps: never delayed
+    near_end = {"step": 0, "train_time": 50.0}  # 4 s left of 60, less than the 6 s gap
+    assert not budget.row_due(Clock(train_time=56.0, step=10), near_end)
     budget.evaluated(0.1)  # cheap again: the cadence rules
     assert budget.row_due(Clock(train_time=1.0), start)
     fixed = Budget(time_budget=60, eval_every_seconds=1.0, eval_share=None)

@@ -41,8 +41,9 @@ class Budget:
 
     ``eval_share`` bounds the wall time spent evaluating: a row due by seconds waits until the
     steps since the last row took at least (1 - share) / share times what that row's evaluation
-    took (``evaluated``), so evaluation takes at most about that share of the run's wall time
-    and a run takes about time_budget / (1 - share). None: the cadence alone (the timed
+    took (``evaluated``), and is left out when less than that is left of the time budget (the
+    final row comes at the end anyway), so evaluation takes about that share of the run's wall
+    time besides the rows before and after training. None: the cadence alone (the timed
     comparisons' presets fix theirs). A row due by steps is never delayed."""
 
     def __init__(
@@ -108,7 +109,16 @@ class Budget:
         return (
             self.eval_every_steps is not None
             and clock.step - last_row["step"] >= self.eval_every_steps
-        ) or (self.gap is not None and clock.train_time - last_row["train_time"] >= self.gap)
+        ) or (
+            self.gap is not None
+            and clock.train_time - last_row["train_time"] >= self.gap
+            # evaluation is what sets the gap: no row so close to the end, whose own row comes
+            and not (self.gap > self.eval_every_seconds and self._time_left(clock) < self.gap)
+        )
+
+    def _time_left(self, clock: Clock) -> float:
+        limit = self.limits["train_time"]
+        return math.inf if limit is None else limit - clock.train_time
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
